@@ -1,0 +1,196 @@
+"""Walk a ModelSpec and emit MAX graphs: the encoder and the decoder step.
+
+Two graphs serve a model:
+- encoder: log-mel (B, n_mels, n_frames) -> audio features (B, S, D) and every decoder
+  layer's cross-attention K and V, stacked (L, B, S, D): computed once per window.
+- decoder: tokens (B, T), self-attention cache K/V (L, B, P, D), cross K/V -> logits
+  (B, T, V) and the grown cache (L, B, P+T, D). B, T and P are symbolic, so one
+  compiled graph serves the prompt, every step and every batch size.
+
+Every weight is a `max.graph.Weight` named as in the checkpoint, bound at load time.
+With `taps=True` each stage's output is also a graph output (see `TAPS`), so a
+layer-by-layer parity check costs one compile per graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+from max.dtype import DType
+from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
+
+from .manifest import manifest
+from .spec import SUBLAYER_PREFIX, ModelSpec
+
+
+class _Weights:
+    """Declares graph weights on first use, with the manifest's shape and one dtype."""
+
+    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef):
+        self.graph, self.manifest, self.dtype, self.device = graph, manifest(spec), dtype, device
+        self.declared: dict[str, TensorValue] = {}
+
+    def __call__(self, name: str) -> TensorValue:
+        if name not in self.declared:  # a tied weight is used twice but declared once
+            info = self.manifest[name]
+            self.declared[name] = self.graph.add_weight(
+                Weight(name, self.dtype, info.shape, self.device)).tensor
+        return self.declared[name]
+
+
+def _linear(w: _Weights, prefix: str, x: TensorValue, bias: bool = True) -> TensorValue:
+    y = x @ ops.transpose(w(f"{prefix}.weight"), 0, 1)
+    return y + w(f"{prefix}.bias") if bias else y
+
+
+def _layer_norm(w: _Weights, prefix: str, x: TensorValue, eps: float) -> TensorValue:
+    # Statistics in fp32 as openai-whisper's LayerNorm does, whatever the model dtype.
+    y = ops.layer_norm(x.cast(DType.float32), w(f"{prefix}.weight").cast(DType.float32),
+                       w(f"{prefix}.bias").cast(DType.float32), eps)
+    return y.cast(x.dtype)
+
+
+def _heads(x: TensorValue, n_head: int) -> TensorValue:
+    """(B, T, D) -> (B, H, T, D/H)."""
+    b, t, d = x.shape
+    return x.reshape([b, t, n_head, int(d) // n_head]).transpose(1, 2)
+
+
+def _attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
+               mask: TensorValue | None = None) -> TensorValue:
+    """Scaled dot-product attention over (B, T, D) queries and (B, S, D) keys/values."""
+    b, t, d = q.shape
+    scale = 1.0 / math.sqrt(int(d) // n_head)
+    scores = _heads(q, n_head) @ ops.transpose(_heads(k, n_head), 2, 3)
+    scores = scores.cast(DType.float32) * scale
+    if mask is not None:
+        scores = scores + mask
+    weights = ops.softmax(scores).cast(q.dtype)
+    return (weights @ _heads(v, n_head)).transpose(1, 2).reshape([b, t, d])
+
+
+def _conv1d(w: _Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
+            padding: int) -> TensorValue:
+    """Conv1d on (B, L, C) as im2col + one matmul: the same on CPU and GPU, and clear of
+    the CPU conv2d padding bug (modular issue 6461)."""
+    b, length, c = x.shape
+    weight = w(f"{prefix}.weight")  # (C_out, C_in, K), the checkpoint layout
+    c_out = weight.shape[0]
+    out_len = (int(length) + 2 * padding - kernel) // stride + 1
+    x = ops.pad(x, [0, 0, padding, padding, 0, 0])
+    cols = [x[:, k: k + stride * (out_len - 1) + 1: stride, :] for k in range(kernel)]
+    cols = ops.concat(cols, axis=2) if kernel > 1 else cols[0]
+    # Column index k * C_in + c matches the weight laid out as (K, C_in, C_out).
+    weight = ops.permute(weight, [2, 1, 0]).reshape([kernel * int(c), c_out])
+    return cols @ weight + w(f"{prefix}.bias")
+
+
+def _activation(name: str, x: TensorValue) -> TensorValue:
+    assert name == "gelu", name  # the spec validator admits only known activations
+    return ops.gelu(x)
+
+
+def _mlp(w: _Weights, prefix: str, x: TensorValue) -> TensorValue:
+    return _linear(w, f"{prefix}.2", ops.gelu(_linear(w, f"{prefix}.0", x)))
+
+
+def _causal_mask(t, p, device: DeviceRef) -> TensorValue:
+    """(T, P+T) additive mask: new token i sees the P cached ones and new ones <= i."""
+    neg = ops.broadcast_to(ops.constant(float("-inf"), DType.float32, device), [t, t])
+    upper = ops.band_part(neg, num_lower=None, num_upper=0, exclude=True)
+    past = ops.broadcast_to(ops.constant(0.0, DType.float32, device), [t, p])
+    return ops.concat([past, upper], axis=1)
+
+
+def encoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
+                  device: DeviceRef | None = None, taps: bool = False) -> tuple[Graph, list[str]]:
+    """Returns the graph and the names of its outputs, in order."""
+    device = device or DeviceRef.CPU()
+    enc, dec, eps = spec.encoder, spec.decoder, spec.norm_eps
+    mel_type = TensorType(DType.float32, ["batch", spec.audio.n_mels, spec.audio.n_frames], device)
+    names, extra = ["features", "cross_k", "cross_v"], []
+    with Graph(f"{spec.name}_encoder", input_types=[mel_type]) as g:
+        w = _Weights(g, spec, dtype, device)
+
+        def tap(name, x):
+            if taps:
+                names.append(name)
+                extra.append(x.cast(DType.float32))
+
+        x = g.inputs[0].tensor.cast(dtype).transpose(1, 2)  # (B, frames, mels)
+        for c in enc.stem:
+            x = _activation(c.activation, _conv1d(w, f"encoder.{c.name}", x, c.kernel, c.stride, c.padding))
+            tap(f"encoder.{c.name}", x)
+        x = x + w("encoder.positional_embedding")
+        tap("encoder.positional_embedding", x)
+        for i in range(enc.n_layer):
+            for kind in enc.block:
+                p = f"encoder.blocks.{i}.{SUBLAYER_PREFIX[kind]}"
+                h = _layer_norm(w, f"{p}_ln", x, eps)
+                if kind == "mlp":
+                    x = x + _mlp(w, p, h)
+                else:
+                    x = x + _linear(w, f"{p}.out", _attention(
+                        _linear(w, f"{p}.query", h), _linear(w, f"{p}.key", h, bias=False),
+                        _linear(w, f"{p}.value", h), enc.n_head))
+            tap(f"encoder.blocks.{i}", x)
+        x = _layer_norm(w, f"encoder.{enc.final_norm}", x, eps)
+        ks, vs = [], []
+        for i in range(dec.n_layer):
+            p = f"decoder.blocks.{i}.cross_attn"
+            ks.append(_linear(w, f"{p}.key", x, bias=False))
+            vs.append(_linear(w, f"{p}.value", x))
+        g.output(x, ops.stack(ks), ops.stack(vs), *extra)
+    return g, names
+
+
+def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
+                  device: DeviceRef | None = None, taps: bool = False) -> tuple[Graph, list[str]]:
+    """Returns the graph and the names of its outputs, in order.
+
+    Inputs: tokens (B, T) int64, self K and V (L, B, P, D), cross K and V (L, B, S, D).
+    The caller keeps P + T <= decoder.n_ctx (the runtime checks it).
+    """
+    device = device or DeviceRef.CPU()
+    dec, eps = spec.decoder, spec.norm_eps
+    L, D = dec.n_layer, dec.n_state
+    types = [TensorType(DType.int64, ["batch", "seq"], device),
+             TensorType(dtype, [L, "batch", "past", D], device),
+             TensorType(dtype, [L, "batch", "past", D], device),
+             TensorType(dtype, [L, "batch", "audio", D], device),
+             TensorType(dtype, [L, "batch", "audio", D], device)]
+    names, extra = ["logits", "self_k", "self_v"], []
+    with Graph(f"{spec.name}_decoder", input_types=types) as g:
+        w = _Weights(g, spec, dtype, device)
+        tokens, self_k, self_v, cross_k, cross_v = (v.tensor for v in g.inputs)
+        t, p = tokens.shape[1], self_k.shape[2]
+        start = ops.shape_to_tensor([p]).reshape([])
+        stop = ops.shape_to_tensor([p + t]).reshape([])
+        pos = ops.slice_tensor(w("decoder.positional_embedding"), [(slice(start, stop), t), slice(None)])
+        x = ops.gather(w("decoder.token_embedding.weight"), tokens, axis=0) + pos
+        mask = _causal_mask(t, p, device)
+        new_k, new_v = [], []
+        for i in range(L):
+            for kind in dec.block:
+                pre = f"decoder.blocks.{i}.{SUBLAYER_PREFIX[kind]}"
+                h = _layer_norm(w, f"{pre}_ln", x, eps)
+                if kind == "mlp":
+                    x = x + _mlp(w, pre, h)
+                    continue
+                q = _linear(w, f"{pre}.query", h)
+                if kind == "self_attention":
+                    k = ops.concat([self_k[i], _linear(w, f"{pre}.key", h, bias=False)], axis=1)
+                    v = ops.concat([self_v[i], _linear(w, f"{pre}.value", h)], axis=1)
+                    new_k.append(k)
+                    new_v.append(v)
+                    o = _attention(q, k, v, dec.n_head, mask)
+                else:
+                    o = _attention(q, cross_k[i], cross_v[i], dec.n_head)
+                x = x + _linear(w, f"{pre}.out", o)
+            if taps:
+                names.append(f"decoder.blocks.{i}")
+                extra.append(x.cast(DType.float32))
+        x = _layer_norm(w, f"decoder.{dec.final_norm}", x, eps)
+        logits = (x @ ops.transpose(w("decoder.token_embedding.weight"), 0, 1)).cast(DType.float32)
+        g.output(logits, ops.stack(new_k), ops.stack(new_v), *extra)
+    return g, names
