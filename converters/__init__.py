@@ -1,0 +1,38 @@
+"""Checkpoint converters: each reads a foreign format into {checkpoint name: array};
+`convert` checks the result against the spec and writes safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maxwhisper.spec import ModelSpec
+from maxwhisper.weights import WeightsError, save_weights
+
+
+def detect_format(src: str | Path) -> str:
+    p = Path(src)
+    if not p.exists():
+        raise WeightsError(f"{src}: checkpoint not found")
+    if p.suffix == ".pt":
+        return "openai"
+    if p.name == "model.bin" or (p.is_dir() and (p / "model.bin").is_file()):
+        return "ctranslate2"
+    raise WeightsError(f"{src}: unknown checkpoint format (known: OpenAI .pt, CTranslate2 model.bin "
+                       "or its directory)")
+
+
+def read_checkpoint(src: str | Path, spec: ModelSpec, fmt: str | None = None):
+    fmt = fmt or detect_format(src)
+    if fmt == "openai":
+        from . import openai_pt
+        return openai_pt.read(src, spec)
+    if fmt == "ctranslate2":
+        from . import ctranslate2
+        return ctranslate2.read(src, spec)
+    raise WeightsError(f"unknown checkpoint format {fmt!r}")
+
+
+def convert(src: str | Path, spec: ModelSpec, out: str | Path, fmt: str | None = None) -> Path:
+    fmt = fmt or detect_format(src)
+    tensors = read_checkpoint(src, spec, fmt)
+    return save_weights(out, tensors, spec, str(src), **{"maxwhisper.source_format": fmt})

@@ -188,6 +188,9 @@ def _check(spec: ModelSpec) -> None:
         fail("vocab.tokenizer", f"unknown tokenizer {spec.vocab.tokenizer!r}; known: gpt2, multilingual")
     if spec.vocab.multilingual != (spec.vocab.tokenizer == "multilingual"):
         fail("vocab.multilingual", "must be true exactly when vocab.tokenizer is 'multilingual'")
+    for kind in ("self_attention", "cross_attention"):
+        if kind not in spec.decoder.block:
+            fail("decoder.block", f"the decoder needs a {kind} sublayer, found {spec.decoder.block}")
     if "cross_attention" in spec.encoder.block:
         fail("encoder.block", "the encoder has nothing to cross-attend to")
     if spec.encoder.positional_embedding != "sinusoidal":

@@ -1,0 +1,95 @@
+"""Safetensors files named by the manifest: checked before anything is compiled."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .manifest import manifest
+from .spec import ModelSpec
+
+FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32}
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not fit its spec; the message names the tensor."""
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """The encoder's fixed positional table, as openai-whisper computes it."""
+    # float64 arguments: in float32 the argument at position 1500 is only good to ~1e-4.
+    increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv = np.exp(-increment * np.arange(channels // 2, dtype=np.float64))
+    t = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+
+
+def derived_tensors(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Tensors a spec fully determines, for checkpoints that do not store them."""
+    return {"encoder.positional_embedding": sinusoids(spec.encoder.n_ctx, spec.encoder.n_state)}
+
+
+def check_tensors(spec: ModelSpec, shapes: Mapping[str, tuple[tuple[int, ...], str]], source: str) -> None:
+    """`shapes` maps name -> (shape, dtype name). Raises on the first class of problem found."""
+    expected = manifest(spec)
+    missing = [n for n in expected if n not in shapes]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise WeightsError(f"{source}: missing tensor(s) for spec {spec.name!r}: {missing[:5]}{more}")
+    unexpected = sorted(n for n in shapes if n not in expected)
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise WeightsError(f"{source}: unexpected tensor(s) for spec {spec.name!r}: {unexpected[:5]}{more}")
+    for name, info in expected.items():
+        shape, dtype = shapes[name]
+        if tuple(shape) != info.shape:
+            raise WeightsError(f"{source}: tensor {name!r} has shape {tuple(shape)}, "
+                               f"spec {spec.name!r} expects {info.shape}")
+        if dtype not in FLOAT_DTYPES:
+            raise WeightsError(f"{source}: tensor {name!r} has dtype {dtype}, expected one of "
+                               f"{sorted(FLOAT_DTYPES)}")
+
+
+def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Read a safetensors file, refusing it unless it matches the spec's manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        f = safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    with f:
+        shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        check_tensors(spec, shapes, str(path))
+        return {k: f.get_tensor(k) for k in shapes}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="numpy") as f:
+        return dict(f.metadata() or {})
+
+
+def save_weights(path: str | Path, tensors: Mapping[str, np.ndarray], spec: ModelSpec,
+                 source: str, **metadata: str) -> Path:
+    """Check against the spec, then write; the spec travels in the file's metadata."""
+    tensors = {**{k: v for k, v in derived_tensors(spec).items() if k not in tensors}, **tensors}
+    shapes = {k: (tuple(v.shape), _dtype_name(v)) for k, v in tensors.items()}
+    check_tensors(spec, shapes, source)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"maxwhisper.spec": spec.name, "maxwhisper.dims": json.dumps(spec.dims), **metadata}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=meta)
+    return path
+
+
+def _dtype_name(a: np.ndarray) -> str:
+    for key, t in FLOAT_DTYPES.items():
+        if a.dtype == t:
+            return key
+    return str(a.dtype)

@@ -1,0 +1,93 @@
+"""Shared fixtures: seeded PyTorch reference models and compiled MAX models.
+
+Compiling is the expensive part (minutes per graph cold on 2 CPU cores), so every
+compiled model is built once per session and shared by all tests that need it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maxwhisper.spec import load_spec, parse_spec
+
+
+def _reference_modules():
+    torch = pytest.importorskip("torch", reason="needs the PyTorch reference: pip install -e '.[test]'")
+    whisper_model = pytest.importorskip("whisper.model", reason="needs openai-whisper: pip install -e '.[test]'")
+    return torch, whisper_model
+
+PARITY_ROWS: list[tuple[str, str, float, float]] = []
+
+# A variant that exists in no checkpoint: 1 encoder layer, 2 decoder layers, narrow.
+# It proves that numbers and depth are data: no code knows about it.
+SMALL_VARIANT = {
+    "name": "micro-2dec",
+    "audio": {"n_mels": 80, "sample_rate": 16000, "n_fft": 400, "hop_length": 160, "chunk_seconds": 30},
+    "vocab": {"n_vocab": 51864, "tokenizer": "gpt2", "multilingual": False, "num_languages": 99},
+    "encoder": {"n_ctx": 1500, "n_state": 64, "n_head": 2, "n_layer": 1, "mlp_ratio": 4,
+                "stem": [{"name": "conv1", "kernel": 3, "stride": 1, "padding": 1, "activation": "gelu"},
+                         {"name": "conv2", "kernel": 3, "stride": 2, "padding": 1, "activation": "gelu"}],
+                "positional_embedding": "sinusoidal", "block": ["self_attention", "mlp"], "final_norm": "ln_post"},
+    "decoder": {"n_ctx": 448, "n_state": 64, "n_head": 2, "n_layer": 2, "mlp_ratio": 4,
+                "positional_embedding": "learned", "block": ["self_attention", "cross_attention", "mlp"],
+                "final_norm": "ln", "output": "tied_embedding"},
+    "norm_eps": 1e-5,
+    "alignment_heads": [[1, 0]],
+}
+
+
+def get_spec(name: str):
+    return parse_spec(SMALL_VARIANT, "<tests/conftest.py>") if name == SMALL_VARIANT["name"] else load_spec(name)
+
+
+def reference_model(spec, seed: int = 0):
+    """openai-whisper's Whisper with seeded random weights; layer norms perturbed too,
+    so that a swapped weight and bias cannot pass."""
+    torch, whisper_model = _reference_modules()
+    torch.manual_seed(seed)
+    model = whisper_model.Whisper(whisper_model.ModelDimensions(**spec.dims)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name.split(".")[-2]:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+_REFS: dict = {}
+_COMPILED: dict = {}
+
+
+def shared_reference(name: str):
+    if name not in _REFS:
+        _REFS[name] = reference_model(get_spec(name))
+    return _REFS[name]
+
+
+def shared_compiled(name: str, taps: bool):
+    """One compiled model per (spec, taps) for the whole session."""
+    from maxwhisper.runtime import CompiledWhisper
+
+    key = (name, taps)
+    if key not in _COMPILED:
+        sd = {k: v.numpy() for k, v in shared_reference(name).state_dict().items()}
+        _COMPILED[key] = CompiledWhisper(get_spec(name), sd, device="cpu", taps=taps)
+    return _COMPILED[key]
+
+
+def record_parity(model: str, stage: str, got: np.ndarray, want: np.ndarray) -> float:
+    """Max abs error and error relative to the reference's largest magnitude."""
+    abs_err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+    rel_err = abs_err / max(float(np.max(np.abs(want))), 1e-30)
+    PARITY_ROWS.append((model, stage, abs_err, rel_err))
+    return rel_err
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY_ROWS:
+        tr = terminalreporter
+        tr.section("layer-by-layer parity against openai-whisper (fp32, CPU)")
+        tr.write_line(f"| {'model':<10} | {'stage':<34} | {'max abs err':>11} | {'rel err':>9} |")
+        tr.write_line(f"|{'-' * 12}|{'-' * 36}|{'-' * 13}|{'-' * 11}|")
+        for model, stage, a, r in PARITY_ROWS:
+            tr.write_line(f"| {model:<10} | {stage:<34} | {a:11.3e} | {r:9.2e} |")
