@@ -51,10 +51,11 @@ class _Reader:
         return bytes(self.take(self.u16())).rstrip(b"\0").decode()
 
 
-def read_container(path: str | Path) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
-    """Returns (spec name, variables, aliases)."""
+def read_container(path: str | Path, parts: list[Path] | None = None) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
+    """Returns (spec name, variables, aliases). `parts`: the pieces of a file that was
+    split for distribution, read as their concatenation (then `path` only names it)."""
     path = Path(path)
-    data = memoryview(path.read_bytes())
+    data = memoryview(b"".join(p.read_bytes() for p in parts) if parts else path.read_bytes())
     r = _Reader(data, str(path))
     version = r.u32()
     if version != 6:
@@ -83,13 +84,13 @@ def _split(name: str, a: np.ndarray, parts: int, source: str) -> list[np.ndarray
     return np.split(a, parts, axis=0)
 
 
-def read(src: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
-    """A model directory (with model.bin) or the model.bin itself."""
+def read(src: str | Path, spec: ModelSpec, parts: list[Path] | None = None) -> dict[str, np.ndarray]:
+    """A model directory (with model.bin), the model.bin itself, or its split `parts`."""
     src = Path(src)
     path = src / "model.bin" if src.is_dir() else src
-    if not path.is_file():
+    if not parts and not path.is_file():
         raise WeightsError(f"{src}: no CTranslate2 model.bin found")
-    spec_name, v, _aliases = read_container(path)
+    spec_name, v, _aliases = read_container(path, parts)
     if spec_name != "WhisperSpec":
         raise WeightsError(f"{path}: a CTranslate2 {spec_name}, not a WhisperSpec")
     for part in ("encoder", "decoder"):

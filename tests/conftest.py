@@ -48,6 +48,8 @@ def reference_model(spec, seed: int = 0):
     torch.manual_seed(seed)
     model = whisper_model.Whisper(whisper_model.ModelDimensions(**spec.dims)).eval()
     with torch.no_grad():
+        # openai-whisper leaves this one as torch.empty: uninitialised memory, even NaN.
+        model.decoder.positional_embedding.copy_(0.02 * torch.randn_like(model.decoder.positional_embedding))
         for name, p in model.named_parameters():
             if "ln" in name.split(".")[-2]:
                 p.add_(0.1 * torch.randn_like(p))

@@ -1,0 +1,66 @@
+"""The user-facing model: `load_model(...)` and `Whisper.transcribe(...)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .audio import load_audio, prepare
+from .registry import ensure_converted
+from .runtime import CompiledWhisper
+from .spec import ModelSpec, load_spec
+from .tokenizer import WhisperTokenizer
+from .transcribe import transcribe
+from .weights import WeightsError, load_weights, read_metadata
+
+
+class Whisper:
+    """A compiled model with its tokenizer; compile once, transcribe many."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], tokenizer_json: str | Path,
+                 device: str = "auto"):
+        self.spec = spec
+        self.tokenizer = WhisperTokenizer(tokenizer_json, spec)
+        self.runtime = CompiledWhisper(spec, weights, device=device)
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device_name
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.spec.vocab.multilingual
+
+    def transcribe(self, audio: str | Path | np.ndarray, **options) -> dict:
+        """`audio`: a file path, or mono float32 samples at 16 kHz. Options as
+        openai-whisper's `transcribe()` (language, task, temperature, ...)."""
+        rate = self.spec.audio.sample_rate
+        if isinstance(audio, (str, Path)):
+            samples = load_audio(audio, rate)
+        else:
+            samples = prepare(audio, rate, rate)
+        return transcribe(self, samples, **options)
+
+
+def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise WeightsError(f"{path}: no model.safetensors found")
+    tokenizer = weights.parent / "tokenizer.json"
+    if spec is None:
+        spec = read_metadata(weights).get("maxwhisper.spec")
+        if spec is None:
+            raise WeightsError(f"{weights}: the file does not say which spec it is; pass spec=NAME")
+    return weights, tokenizer, load_spec(spec)
+
+
+def load_model(name_or_path: str | Path = "tiny.en", device: str = "auto", spec: str | None = None) -> Whisper:
+    """A built-in model name (its weight package must be installed; converted once into
+    the cache) or a converted .safetensors file / directory, with tokenizer.json beside it."""
+    path = Path(name_or_path)
+    if path.exists():
+        weights, tokenizer, model_spec = _local_files(path, spec)
+    else:
+        weights, tokenizer, model_spec = ensure_converted(str(name_or_path))
+    return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device)

