@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .spec import SpecError, load_spec
 from .weights import WeightsError
@@ -32,6 +33,38 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _transcribe(args) -> None:
+    from tqdm import tqdm
+
+    from .audio import AudioError, load_audio
+    from .model import load_model
+    from .writers import write
+
+    model = load_model(args.model, device=args.device)  # compiled once for every input
+    failed = 0
+    for audio_path in args.audio:
+        try:
+            samples = load_audio(audio_path, model.spec.audio.sample_rate)
+        except AudioError as e:
+            print(f"maxwhisper: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        seconds = len(samples) / model.spec.audio.sample_rate
+        frame = model.spec.audio.hop_length / model.spec.audio.sample_rate
+        with tqdm(total=round(seconds, 2), unit="s", disable=seconds <= 30 or args.quiet,
+                  desc=Path(audio_path).name) as bar:
+            result = model.transcribe(
+                samples, language=args.language, task=args.task,
+                temperature=args.temperature, without_timestamps=args.without_timestamps,
+                progress=lambda frames, _total: bar.update(round(frames * frame, 2)))
+        for path in write(result, audio_path, args.output_dir, args.output_format):
+            print(f"wrote {path}", file=sys.stderr)
+        if not args.quiet:
+            print(result["text"].strip())
+    if failed:
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxwhisper", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output .safetensors path")
     conv.add_argument("--format", default=None, help="source format; detected when omitted")
     conv.set_defaults(func=_convert)
+
+    tr = sub.add_parser("transcribe", help="transcribe audio files")
+    tr.add_argument("audio", nargs="+", help="audio files (WAV/FLAC/OGG; more with ffmpeg installed)")
+    tr.add_argument("--model", default="tiny.en", help="model name or converted .safetensors (default tiny.en)")
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    tr.add_argument("--language", default=None, help="language code; detected when omitted")
+    tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    tr.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+                    help="temperatures to fall back through (default 0 0.2 ... 1.0)")
+    tr.add_argument("--without-timestamps", action="store_true", help="decode without timestamp tokens")
+    tr.add_argument("--output-format", "-f", default="txt", choices=["txt", "json", "srt", "vtt", "all"])
+    tr.add_argument("--output-dir", "-o", default=".", help="where to write <audio stem>.<format>")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
+    tr.set_defaults(func=_transcribe)
     return parser
 
 
@@ -57,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (SpecError, WeightsError, ValueError, FileNotFoundError) as e:
+    except (SpecError, WeightsError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"maxwhisper: error: {e}", file=sys.stderr)
         return 2
     return 0
