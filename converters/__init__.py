@@ -17,8 +17,10 @@ def detect_format(src: str | Path) -> str:
         return "openai"
     if p.name == "model.bin" or (p.is_dir() and (p / "model.bin").is_file()):
         return "ctranslate2"
+    if p.is_dir() and (p / "config.json").is_file() and any(p.glob("model*.safetensors")):
+        return "huggingface"
     raise WeightsError(f"{src}: unknown checkpoint format (known: OpenAI .pt, CTranslate2 model.bin "
-                       "or its directory)")
+                       "or its directory, Hugging Face save_pretrained directory)")
 
 
 def read_checkpoint(src: str | Path, spec: ModelSpec, fmt: str | None = None):
@@ -29,6 +31,9 @@ def read_checkpoint(src: str | Path, spec: ModelSpec, fmt: str | None = None):
     if fmt == "ctranslate2":
         from . import ctranslate2
         return ctranslate2.read(src, spec)
+    if fmt == "huggingface":
+        from . import huggingface
+        return huggingface.read(src, spec)
     raise WeightsError(f"unknown checkpoint format {fmt!r}")
 
 

@@ -97,23 +97,33 @@ def mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def log_mel_spectrogram(audio: np.ndarray, spec: AudioSpec, padding: int = 0) -> np.ndarray:
+def log_mel_spectrogram(audio: np.ndarray, spec: AudioSpec, padding: int = 0,
+                        block_frames: int = 4096) -> np.ndarray:
     """(n_mels, frames) log-mel, as openai-whisper's `log_mel_spectrogram`: centred STFT
     with reflect padding and a periodic Hann window, last frame dropped, log10 clamped
-    to 8 below the maximum, scaled to about [-1, 1]."""
+    to 8 below the maximum, scaled to about [-1, 1].
+
+    The STFT runs `block_frames` at a time, so memory stays at the size of the audio and
+    its mel, not of every frame's spectrum (an hour would need gigabytes)."""
     n_fft, hop = spec.n_fft, spec.hop_length
     x = np.asarray(audio, dtype=np.float32)
     if padding:
         x = np.pad(x, (0, padding))
-    x = np.pad(x, (n_fft // 2, n_fft // 2), mode="reflect").astype(np.float64)
-    n_frames = 1 + (len(x) - n_fft) // hop
-    frames = np.lib.stride_tricks.as_strided(x, (n_frames, n_fft), (x.strides[0] * hop, x.strides[0]))
+    x = np.pad(x, (n_fft // 2, n_fft // 2), mode="reflect")
+    n_frames = (len(x) - n_fft) // hop  # the last frame is dropped, as openai-whisper does
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
-    power = np.abs(np.fft.rfft(frames * window, axis=1)[:-1]) ** 2
-    mel = mel_filters(spec.sample_rate, n_fft, spec.n_mels).astype(np.float64) @ power.T
-    log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+    filters = mel_filters(spec.sample_rate, n_fft, spec.n_mels).astype(np.float64)
+    out = np.empty((spec.n_mels, n_frames), np.float32)
+    for start in range(0, n_frames, block_frames):
+        count = min(block_frames, n_frames - start)
+        seg = x[start * hop: start * hop + (count - 1) * hop + n_fft].astype(np.float64)
+        frames = np.lib.stride_tricks.as_strided(seg, (count, n_fft), (seg.strides[0] * hop, seg.strides[0]))
+        power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
+        out[:, start: start + count] = np.log10(np.maximum(filters @ power.T, 1e-10))
+    np.maximum(out, out.max() - 8.0, out=out)
+    out += 4.0
+    out /= 4.0
+    return out
 
 
 def pad_or_trim(mel: np.ndarray, n_frames: int) -> np.ndarray:

