@@ -33,7 +33,7 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
-def _transcribe(args) -> None:
+def _transcribe(args) -> int:
     from tqdm import tqdm
 
     from .audio import AudioError, load_audio
@@ -61,8 +61,7 @@ def _transcribe(args) -> None:
             print(f"wrote {path}", file=sys.stderr)
         if not args.quiet:
             print(result["text"].strip())
-    if failed:
-        raise SystemExit(2)
+    return 2 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except (SpecError, WeightsError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"maxwhisper: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -46,9 +46,14 @@ def transcribe(model, audio: np.ndarray, *, language: str | None = None, task: s
                no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
                initial_prompt: str | None = None, without_timestamps: bool = False,
                suppress_tokens: str | list[int] | None = "-1", suppress_blank: bool = True,
-               progress=None) -> dict:
+               silence_threshold_db: float | None = -60.0, progress=None) -> dict:
     """`model` is a `maxwhisper.model.Whisper`; `audio` mono float32 at the model's rate.
-    Returns openai-whisper's keys: text, segments, language."""
+    Returns openai-whisper's keys: text, segments, language.
+
+    `silence_threshold_db`: a window whose loudest sample is below this level (dBFS) is
+    skipped unheard. openai-whisper's no-speech rule alone lets a confident
+    hallucination through (tiny.en says " you" to 20 s of digital zeros, no-speech
+    probability 0.94); audio this quiet holds no speech to transcribe."""
     spec, runtime = model.spec, model.runtime
     a = spec.audio
     tok = model.tokenizer.with_language(language, task)
@@ -78,9 +83,16 @@ def transcribe(model, audio: np.ndarray, *, language: str | None = None, task: s
     segments: list[dict] = []
     prompt_reset_since = 0
     seek = 0
+    floor = None if silence_threshold_db is None else 10.0 ** (silence_threshold_db / 20.0)
     while seek < content_frames:
         time_offset = seek * frame_seconds
         window_frames = min(n_frames, content_frames - seek)
+        samples = audio[seek * a.hop_length: (seek + window_frames) * a.hop_length]
+        if floor is not None and (samples.size == 0 or np.max(np.abs(samples)) < floor):
+            if progress is not None:
+                progress(window_frames, content_frames)
+            seek += window_frames
+            continue
         cross = encode(seek, window_frames)
         result = _decode_with_fallback(runtime, tok, cross, temperatures, DecodingOptions(
             task=task, language=tok.language, prompt=all_tokens[prompt_reset_since:],

@@ -18,6 +18,7 @@ def _reference_modules():
     return torch, whisper_model
 
 PARITY_ROWS: list[tuple[str, str, float, float]] = []
+WER_ROWS: list[tuple[str, float, str]] = []  # (clip, word error rate, transcript)
 
 # A variant that exists in no checkpoint: 1 encoder layer, 2 decoder layers, narrow.
 # It proves that numbers and depth are data: no code knows about it.
@@ -93,6 +94,13 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"|{'-' * 12}|{'-' * 36}|{'-' * 13}|{'-' * 11}|")
         for model, stage, a, r in PARITY_ROWS:
             tr.write_line(f"| {model:<10} | {stage:<34} | {a:11.3e} | {r:9.2e} |")
+    if WER_ROWS:
+        tr = terminalreporter
+        tr.section("tiny.en word error rate on tests/data/speech (greedy, fallback on)")
+        tr.write_line("| clip | WER | transcript |")
+        tr.write_line("|---|---|---|")
+        for clip, rate, text in WER_ROWS:
+            tr.write_line(f"| {clip} | {rate:.1%} | {text} |")
 
 
 # --- real weights and speech -------------------------------------------------------
