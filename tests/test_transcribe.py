@@ -212,7 +212,9 @@ def test_cli_writes_one_file_per_input_and_format(tiny_en, tmp_path, capsys, mon
             assert (out / f"{stem}.{ext}").is_file()
         data = json.loads((out / f"{stem}.json").read_text())
         assert {"text", "segments", "language"} <= data.keys()
-        assert (out / f"{stem}.txt").read_text().strip() == data["text"].strip()
+        lines = (out / f"{stem}.txt").read_text().splitlines()  # one line per segment
+        assert lines == [s["text"].strip() for s in data["segments"] if s["text"].strip()]
+        assert " ".join(lines) == data["text"].strip()
     srt = (out / "02.srt").read_text()
     assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and (out / "02.vtt").read_text().startswith("WEBVTT\n\n00:00.000 --> ")
 
