@@ -4,6 +4,7 @@ text vocabulary exactly as openai-whisper numbers them, derived from the spec.""
 
 from __future__ import annotations
 
+import copy
 from functools import cached_property
 from pathlib import Path
 
@@ -64,8 +65,8 @@ class WhisperTokenizer:
         self.task = task
 
     def with_language(self, language: str | None, task: str | None = None) -> "WhisperTokenizer":
-        new = object.__new__(WhisperTokenizer)
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("sot_sequence",)})
+        """The same vocabulary, prompting for another language or task."""
+        new = copy.copy(self)
         if self.multilingual:
             if language is not None and language not in self.languages:
                 raise TokenizerError(f"unknown language {language!r}; known: {' '.join(self.languages)}")

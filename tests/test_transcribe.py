@@ -222,14 +222,15 @@ def test_cli_writes_one_file_per_input_and_format(tiny_en, tmp_path, capsys, mon
 # --- multilingual base ---------------------------------------------------------------
 
 def audioeval_sample(lang: str, name: str) -> tuple[str, str]:
-    import pytest_audioeval
+    import importlib.util
 
-    base = Path(pytest_audioeval.__file__).parent / "samples" / "audio" / lang
+    found = importlib.util.find_spec("pytest_audioeval")  # a namespace package: no __file__
+    base = Path(list(found.submodule_search_locations)[0]) / "samples" / "audio" / lang
     return str(base / f"{name}.wav"), (base / f"{name}.txt").read_text().strip()
 
 
 @pytest.mark.parametrize("lang,name", [("en", "quick_brown_fox"), ("es", "pangrama"), ("fr", "pangrama"),
-                                       ("it", "pangrama"), ("pl", "pangrama")])
+                                       ("it", "pangrama"), ("ja", "pangrama")])
 def test_base_detects_the_language(base_model, lang, name):
     wav, _ = audioeval_sample(lang, name)
     result = base_model.transcribe(wav)
