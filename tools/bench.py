@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     print(f"\n{args.model}, {clip}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"max {version('max')}, faster-whisper {version('faster-whisper')}, ctranslate2 {version('ctranslate2')}; "
           f"{date.today()}; median of {args.repeats} after a warm-up\n")
-    print("| system | load + compile (s) | transcribe (s) | RTF | x real time | maxwhisper speed-up |")
+    print("| system | load + compile (s) | transcribe (s) | RTF | x real time | time vs maxwhisper |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         r["rtf"] = r["median_s"] / duration
