@@ -3,6 +3,8 @@ complete timestamped segment, as openai-whisper's `transcribe()` does."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .audio import log_mel_spectrogram, pad_or_trim
@@ -133,8 +135,7 @@ def _decode_with_fallback(runtime, tok, cross, temperatures, opts: DecodingOptio
     unless the window is probably silence."""
     result = None
     for t in temperatures:
-        opts.temperature = t
-        (result,) = decode(runtime, tok, cross, opts)
+        (result,) = decode(runtime, tok, cross, dataclasses.replace(opts, temperature=t))
         too_repetitive = (compression_ratio_threshold is not None
                           and result.compression_ratio > compression_ratio_threshold)
         too_unlikely = logprob_threshold is not None and result.avg_logprob < logprob_threshold

@@ -71,8 +71,11 @@ def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="numpy") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def save_weights(path: str | Path, tensors: Mapping[str, np.ndarray], spec: ModelSpec,

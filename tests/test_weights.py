@@ -91,6 +91,10 @@ def test_not_safetensors_and_missing_file(tmp_path):
         load_weights(p, SPEC)
     with pytest.raises(WeightsError, match="weights file not found"):
         load_weights(tmp_path / "nope.safetensors", SPEC)
+    import maxwhisper
+
+    with pytest.raises(WeightsError, match="junk.safetensors: not a readable safetensors file"):
+        maxwhisper.load_model(p)
 
 
 # --- OpenAI .pt converter ---------------------------------------------------------
