@@ -14,7 +14,6 @@ and drop the latter (our graph reads `decoder.token_embedding.weight` twice).
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
@@ -161,8 +160,3 @@ def read(src: str | Path, spec: ModelSpec, parts: list[Path] | None = None) -> d
         raise WeightsError(f"{path}: CTranslate2 tensors with no place in spec {spec.name!r}: {extra[:5]}")
     return out
 
-
-def read_config(src: str | Path) -> dict:
-    p = Path(src)
-    p = (p if p.is_dir() else p.parent) / "config.json"
-    return json.loads(p.read_text()) if p.is_file() else {}

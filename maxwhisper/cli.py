@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .registry import DEFAULT_MODEL
 from .spec import SpecError, load_spec
 from .weights import WeightsError
 
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transcribe", help="transcribe audio files")
     tr.add_argument("audio", nargs="+", help="audio files (WAV/FLAC/OGG; more with ffmpeg installed)")
-    tr.add_argument("--model", default="tiny.en", help="model name or converted .safetensors (default tiny.en)")
+    tr.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"model name or converted .safetensors (default {DEFAULT_MODEL})")
     tr.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     tr.add_argument("--language", default=None, help="language code; detected when omitted")
     tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])

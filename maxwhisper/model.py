@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import load_audio, prepare
-from .registry import ensure_converted
+from .registry import DEFAULT_MODEL, ensure_converted
 from .runtime import CompiledWhisper
 from .spec import ModelSpec, load_spec
 from .tokenizer import WhisperTokenizer
@@ -55,7 +55,7 @@ def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:
     return weights, tokenizer, load_spec(spec)
 
 
-def load_model(name_or_path: str | Path = "tiny.en", device: str = "auto", spec: str | None = None) -> Whisper:
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", spec: str | None = None) -> Whisper:
     """A built-in model name (its weight package must be installed; converted once into
     the cache) or a converted .safetensors file / directory, with tokenizer.json beside it."""
     path = Path(name_or_path)

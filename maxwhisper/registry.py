@@ -50,6 +50,12 @@ def _package_file(module: str, rel: str, pip: str) -> Path:
     return path
 
 
+def package_files(name: str) -> tuple[list[Path], Path]:
+    """The installed CTranslate2 model.bin (its parts, in order) and tokenizer.json."""
+    pkg = PACKAGES[name]
+    return [_package_file(m, rel, pkg.pip) for m, rel in pkg.parts], _package_file(*pkg.tokenizer, pkg.pip)
+
+
 def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
     """(weights, tokenizer.json, spec) for a named model, converting on first use."""
     spec = load_spec(name)
@@ -61,16 +67,14 @@ def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
         raise WeightsError(f"no installable weights are known for {name!r} (known: {sorted(PACKAGES)}); "
                            f"convert a checkpoint with `maxwhisper convert SRC --spec {name} --out FILE` "
                            "and load that file")
-    pkg = PACKAGES[name]
-    parts = [_package_file(m, rel, pkg.pip) for m, rel in pkg.parts]
-    tok_src = _package_file(*pkg.tokenizer, pkg.pip)
+    parts, tok_src = package_files(name)
     from converters import ctranslate2
 
     tensors = ctranslate2.read(parts[0], spec, parts=parts)
     target.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a crash never leaves a half-written cache.
     with tempfile.TemporaryDirectory(dir=target) as tmp:
-        save_weights(Path(tmp) / "model.safetensors", tensors, spec, pkg.pip,
+        save_weights(Path(tmp) / "model.safetensors", tensors, spec, PACKAGES[name].pip,
                      **{"maxwhisper.source_format": "ctranslate2"})
         shutil.copyfile(tok_src, Path(tmp) / "tokenizer.json")
         os.replace(Path(tmp) / "tokenizer.json", tokenizer)

@@ -89,22 +89,18 @@ def transcribe(model, audio: np.ndarray, *, language: str | None = None, task: s
     while seek < content_frames:
         time_offset = seek * frame_seconds
         window_frames = min(n_frames, content_frames - seek)
-        samples = audio[seek * a.hop_length: (seek + window_frames) * a.hop_length]
-        if floor is not None and (samples.size == 0 or np.max(np.abs(samples)) < floor):
-            if progress is not None:
-                progress(window_frames, content_frames)
-            seek += window_frames
-            continue
-        cross = encode(seek, window_frames)
-        result = _decode_with_fallback(runtime, tok, cross, temperatures, DecodingOptions(
-            task=task, language=tok.language, prompt=all_tokens[prompt_reset_since:],
-            suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-            without_timestamps=without_timestamps), compression_ratio_threshold,
-            logprob_threshold, no_speech_threshold)
         previous_seek = seek
-        if no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold and not (
-                logprob_threshold is not None and result.avg_logprob > logprob_threshold):
-            seek += window_frames  # silence: nothing to say, and no prompt from it
+        samples = audio[seek * a.hop_length: (seek + window_frames) * a.hop_length]
+        quiet = floor is not None and (samples.size == 0 or np.max(np.abs(samples)) < floor)
+        result = None if quiet else _decode_with_fallback(
+            runtime, tok, encode(seek, window_frames), temperatures, DecodingOptions(
+                task=task, language=tok.language, prompt=all_tokens[prompt_reset_since:],
+                suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
+                without_timestamps=without_timestamps), compression_ratio_threshold,
+            logprob_threshold, no_speech_threshold)
+        if result is None or (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
+                              and not (logprob_threshold is not None and result.avg_logprob > logprob_threshold)):
+            seek += window_frames  # too quiet to encode, or no speech heard: no words, no prompt
         else:
             pieces, advance = _segments_from_window(result.tokens, tok.timestamp_begin, time_offset,
                                                     window_frames, input_stride, precision)

@@ -55,27 +55,27 @@ def check_tensors(spec: ModelSpec, shapes: Mapping[str, tuple[tuple[int, ...], s
                                f"{sorted(FLOAT_DTYPES)}")
 
 
+def _open(path: str | Path):
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     """Read a safetensors file, refusing it unless it matches the spec's manifest."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    try:
-        f = safe_open(str(path), framework="numpy")
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    with f:
+    with _open(path) as f:
         shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
         check_tensors(spec, shapes, str(path))
         return {k: f.get_tensor(k) for k in shapes}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    with _open(path) as f:
+        return dict(f.metadata() or {})
 
 
 def save_weights(path: str | Path, tensors: Mapping[str, np.ndarray], spec: ModelSpec,

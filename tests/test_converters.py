@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from conftest import SMALL_VARIANT, reference_model
 from converters import convert, detect_format
 from converters.ctranslate2 import read_container
-from maxwhisper.registry import PACKAGES, _package_file, cache_dir, ensure_converted
+from maxwhisper.registry import PACKAGES, cache_dir, ensure_converted, package_files
 from maxwhisper.spec import load_spec, parse_spec
 from maxwhisper.weights import WeightsError, load_weights
 
@@ -18,8 +17,8 @@ torch = pytest.importorskip("torch", reason="needs the PyTorch reference: pip in
 
 
 def ct2_model_bin():
-    pkg = PACKAGES["tiny.en"]
-    return _package_file(*pkg.parts[0], pkg.pip)
+    (model_bin,), _ = package_files("tiny.en")
+    return model_bin
 
 
 def test_ctranslate2_tiny_en_splits_fused_projections(tmp_path):

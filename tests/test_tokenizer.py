@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from maxwhisper.registry import PACKAGES, _package_file
+from maxwhisper.registry import package_files
 from maxwhisper.spec import load_spec
 from maxwhisper.tokenizer import LANGUAGES, TokenizerError, WhisperTokenizer
 
@@ -17,7 +17,7 @@ SPECIAL = ["eot", "sot", "sot_prev", "sot_lm", "no_speech", "no_timestamps", "ti
 
 
 def tokenizer_json(model):
-    return _package_file(*PACKAGES[model].tokenizer, PACKAGES[model].pip)
+    return package_files(model)[1]
 
 
 @pytest.mark.parametrize("model,spec_name,multilingual,num_languages", [

@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest import SPEECH_DIR, WER_ROWS, speech_clips
 from maxwhisper.audio import AudioError, load_audio
 from maxwhisper.cli import main
-from maxwhisper.registry import PACKAGES, _package_file
+from maxwhisper.registry import package_files
 from maxwhisper.runtime import resolve_device
 
 jiwer = pytest.importorskip("jiwer", reason="WER needs jiwer: pip install -e '.[test]'")
@@ -41,7 +41,8 @@ def joined(names: list[str], gap_s: float = 1.0, repeat: int = 1) -> tuple[np.nd
 
 
 def ct2_dir(model: str) -> Path:
-    return _package_file(*PACKAGES[model].parts[0], PACKAGES[model].pip).parent
+    (model_bin,), _ = package_files(model)
+    return model_bin.parent
 
 
 @pytest.fixture(scope="session")
@@ -246,7 +247,7 @@ def test_base_tokens_equal_faster_whisper(base_model):
     ours = base_model.transcribe(audio, temperature=0.0)
     with tempfile.TemporaryDirectory() as d:
         # faster-whisper reads a directory: join the split model.bin, add its config.
-        parts = [_package_file(m, rel, PACKAGES["base"].pip) for m, rel in PACKAGES["base"].parts]
+        parts, _ = package_files("base")
         (Path(d) / "model.bin").write_bytes(b"".join(p.read_bytes() for p in parts))
         for f in ("config.json", "tokenizer.json", "vocabulary.txt"):
             src = parts[0].parent / f

@@ -40,7 +40,7 @@ def test_positional_table_is_derived_when_absent(tmp_path):
 
 
 def test_sinusoids_equal_openai_whisper():
-    torch = pytest.importorskip("torch", reason="needs the PyTorch reference")
+    pytest.importorskip("torch", reason="needs the PyTorch reference")
     from whisper.model import sinusoids as ref
 
     # openai-whisper rounds the sin/cos arguments (up to 1500) to float32, whose spacing

@@ -62,12 +62,12 @@ def bench_maxwhisper(model: str, device: str, audio, repeats: int) -> dict:
 def bench_faster_whisper(model: str, compute_type: str, threads: int, audio, repeats: int) -> dict:
     from faster_whisper import WhisperModel
 
-    from maxwhisper.registry import PACKAGES, _package_file
+    from maxwhisper.registry import package_files
 
-    pkg = PACKAGES[model]
-    if len(pkg.parts) != 1:
+    parts, _ = package_files(model)
+    if len(parts) != 1:
         raise SystemExit(f"faster-whisper needs a joined model.bin; {model} ships in parts")
-    path = _package_file(*pkg.parts[0], pkg.pip).parent
+    path = parts[0].parent
     t = time.perf_counter()
     m = WhisperModel(str(path), device="cpu", compute_type=compute_type, cpu_threads=threads)
     load = time.perf_counter() - t
@@ -97,8 +97,6 @@ def main(argv=None) -> int:
     for ct in ("float32", "int8"):
         rows.append(bench_faster_whisper(args.model, ct, args.threads, audio, args.repeats))
     ours = rows[0]["median_s"]
-    import max as max_pkg  # noqa: F401
-
     from importlib.metadata import version
 
     print(f"\n{args.model}, {clip}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
