@@ -3,13 +3,19 @@
 Two graphs serve a model:
 - encoder: log-mel (B, n_mels, n_frames) -> audio features (B, S, D) and every decoder
   layer's cross-attention K and V, stacked (L, B, S, D): computed once per window.
-- decoder: tokens (B, T), self-attention cache K/V (L, B, P, D), cross K/V -> logits
-  (B, T, V) and the grown cache (L, B, P+T, D). B, T and P are symbolic, so one
-  compiled graph serves the prompt, every step and every batch size.
+- decoder: tokens (B, T), the rows of the cache to continue (B,), self-attention cache
+  K/V (L, B0, P, D), cross K/V (L, B, S, D) -> logits (B, T, V) and the grown cache
+  (L, B, P+T, D). B, B0, T and P are symbolic, so one compiled graph serves the prompt,
+  every step and every batch size; the row gather reorders beams and drops finished
+  rows inside the same call.
+- select: rows of a stacked (L, B, S, D) tensor, to repeat cross K/V per beam or to drop
+  finished windows.
 
 Every weight is a `max.graph.Weight` named as in the checkpoint, bound at load time.
-With `taps=True` each stage's output is also a graph output (see `TAPS`), so a
-layer-by-layer parity check costs one compile per graph.
+With `taps=True` each stage's output is also a graph output, so a layer-by-layer parity
+check costs one compile per graph. With `alignment=True` the decoder also returns the
+scaled cross-attention scores of the spec's alignment heads (B, heads, T, S), which word
+timestamps align with dynamic time warping; the hot decoder leaves them out.
 """
 
 from __future__ import annotations
@@ -56,13 +62,17 @@ def _heads(x: TensorValue, n_head: int) -> TensorValue:
     return x.reshape([b, t, n_head, int(d) // n_head]).transpose(1, 2)
 
 
+def _scores(q: TensorValue, k: TensorValue, n_head: int) -> TensorValue:
+    """(B, H, T, S) float32 scaled dot products of (B, T, D) queries and (B, S, D) keys."""
+    scale = 1.0 / math.sqrt(int(q.shape[2]) // n_head)
+    return (_heads(q, n_head) @ ops.transpose(_heads(k, n_head), 2, 3)).cast(DType.float32) * scale
+
+
 def _attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
                mask: TensorValue | None = None) -> TensorValue:
     """Scaled dot-product attention over (B, T, D) queries and (B, S, D) keys/values."""
     b, t, d = q.shape
-    scale = 1.0 / math.sqrt(int(d) // n_head)
-    scores = _heads(q, n_head) @ ops.transpose(_heads(k, n_head), 2, 3)
-    scores = scores.cast(DType.float32) * scale
+    scores = _scores(q, k, n_head)
     if mask is not None:
         scores = scores + mask
     weights = ops.softmax(scores).cast(q.dtype)
@@ -144,25 +154,42 @@ def encoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
     return g, names
 
 
-def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
-                  device: DeviceRef | None = None, taps: bool = False) -> tuple[Graph, list[str]]:
+def alignment_heads(spec: ModelSpec) -> list[tuple[int, int]]:
+    """The spec's [layer, head] pairs; without any, every head of the upper half of the
+    decoder, as openai-whisper assumes for checkpoints that name none."""
+    dec = spec.decoder
+    if spec.alignment_heads:
+        return [(int(l), int(h)) for l, h in spec.alignment_heads]
+    return [(l, h) for l in range(dec.n_layer // 2, dec.n_layer) for h in range(dec.n_head)]
+
+
+def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceRef | None = None,
+                  taps: bool = False, alignment: bool = False) -> tuple[Graph, list[str]]:
     """Returns the graph and the names of its outputs, in order.
 
-    Inputs: tokens (B, T) int64, self K and V (L, B, P, D), cross K and V (L, B, S, D).
-    The caller keeps P + T <= decoder.n_ctx (the runtime checks it).
+    Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
+    continues, self K and V (L, B0, P, D), cross K and V (L, B, S, D). The caller keeps
+    P + T <= decoder.n_ctx (the runtime checks it). `taps` implies `alignment`.
     """
     device = device or DeviceRef.CPU()
     dec, eps = spec.decoder, spec.norm_eps
     L, D = dec.n_layer, dec.n_state
     types = [TensorType(DType.int64, ["batch", "seq"], device),
-             TensorType(dtype, [L, "batch", "past", D], device),
-             TensorType(dtype, [L, "batch", "past", D], device),
+             TensorType(DType.int64, ["batch"], device),
+             TensorType(dtype, [L, "cache_batch", "past", D], device),
+             TensorType(dtype, [L, "cache_batch", "past", D], device),
              TensorType(dtype, [L, "batch", "audio", D], device),
              TensorType(dtype, [L, "batch", "audio", D], device)]
     names, extra = ["logits", "self_k", "self_v"], []
+    heads_by_layer: dict[int, list[int]] = {}
+    for layer, head in sorted(alignment_heads(spec)) if (alignment or taps) else []:
+        heads_by_layer.setdefault(layer, []).append(head)
+    qks = []
     with Graph(f"{spec.name}_decoder", input_types=types) as g:
         w = _Weights(g, spec, dtype, device)
-        tokens, self_k, self_v, cross_k, cross_v = (v.tensor for v in g.inputs)
+        tokens, order, self_k, self_v, cross_k, cross_v = (v.tensor for v in g.inputs)
+        # Beam reordering and dropping finished rows, fused into the step.
+        self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)
         t, p = tokens.shape[1], self_k.shape[2]
         start = ops.shape_to_tensor([p]).reshape([])
         stop = ops.shape_to_tensor([p + t]).reshape([])
@@ -186,11 +213,28 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
                     o = _attention(q, k, v, dec.n_head, mask)
                 else:
                     o = _attention(q, cross_k[i], cross_v[i], dec.n_head)
+                    if i in heads_by_layer:
+                        idx = ops.constant(heads_by_layer[i], DType.int64, device)
+                        qks.append(ops.gather(_scores(q, cross_k[i], dec.n_head), idx, axis=1))
                 x = x + _linear(w, f"{pre}.out", o)
             if taps:
                 names.append(f"decoder.blocks.{i}")
                 extra.append(x.cast(DType.float32))
         x = _layer_norm(w, f"decoder.{dec.final_norm}", x, eps)
         logits = (x @ ops.transpose(w("decoder.token_embedding.weight"), 0, 1)).cast(DType.float32)
+        if qks:
+            names.append("alignment_qk")
+            extra.append(ops.concat(qks, axis=1) if len(qks) > 1 else qks[0])
         g.output(logits, ops.stack(new_k), ops.stack(new_v), *extra)
     return g, names
+
+
+def select_graph(dtype: DType, device: DeviceRef | None = None) -> Graph:
+    """Rows (axis 1) of a stacked (L, B, S, D) tensor: idx (N,) -> (L, N, S, D)."""
+    device = device or DeviceRef.CPU()
+    types = [TensorType(dtype, ["layers", "rows", "length", "width"], device),
+             TensorType(DType.int64, ["n"], device)]
+    with Graph(f"select_rows_{dtype}", input_types=types) as g:
+        x, idx = (v.tensor for v in g.inputs)
+        g.output(ops.gather(x, idx, axis=1))
+    return g

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from .registry import DEFAULT_MODEL
 from .spec import SpecError, load_spec
+from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 from .weights import WeightsError
+from .writers import FORMATS
 
 
 def _spec_show(args) -> None:
@@ -34,12 +36,19 @@ def _convert(args) -> None:
     print(f"wrote {out}")
 
 
+def _above_one(n: int) -> int | None:
+    return n if n > 1 else None
+
+
 def _transcribe(args) -> int:
     from tqdm import tqdm
 
     from .audio import AudioError, load_audio
     from .model import load_model
     from .writers import write
+
+    if args.word_timestamps and args.task == "translate":
+        raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
 
     model = load_model(args.model, device=args.device)  # compiled once for every input
     failed = 0
@@ -55,8 +64,14 @@ def _transcribe(args) -> int:
         with tqdm(total=round(seconds, 2), unit="s", disable=seconds <= 30 or args.quiet,
                   desc=Path(audio_path).name) as bar:
             result = model.transcribe(
-                samples, language=args.language, task=args.task,
-                temperature=args.temperature, without_timestamps=args.without_timestamps,
+                samples, language=args.language, task=args.task, temperature=args.temperature,
+                beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of), patience=args.patience,
+                length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
+                condition_on_previous_text=args.condition_on_previous_text,
+                compression_ratio_threshold=args.compression_ratio_threshold,
+                logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
+                without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
+                prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
                 progress=lambda frames, _total: bar.update(round(frames * frame, 2)))
         for path in write(result, audio_path, args.output_dir, args.output_format):
             print(f"wrote {path}", file=sys.stderr)
@@ -93,8 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     tr.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
                     help="temperatures to fall back through (default 0 0.2 ... 1.0)")
+    tr.add_argument("--beam-size", type=int, default=5,
+                    help="beams for beam search at temperature 0; 0 or 1 decodes greedily (default 5)")
+    tr.add_argument("--best-of", type=int, default=5,
+                    help="samples per window at temperatures above 0; 0 or 1 takes one (default 5)")
+    tr.add_argument("--patience", type=float, default=None,
+                    help="beam search stops after beam_size * patience finished candidates (default 1)")
+    tr.add_argument("--length-penalty", type=float, default=None,
+                    help="rank candidates by logprob / ((5 + length) / 6) ** alpha; default: by mean logprob")
+    tr.add_argument("--initial-prompt", default=None, help="text to condition the first window on")
+    tr.add_argument("--no-condition-on-previous-text", dest="condition_on_previous_text",
+                    action="store_false", help="do not prompt each window with the text before it")
+    tr.add_argument("--compression-ratio-threshold", type=float, default=2.4,
+                    help="retry hotter when the text compresses better than this (default 2.4)")
+    tr.add_argument("--logprob-threshold", type=float, default=-1.0,
+                    help="retry hotter when the mean token logprob is below this (default -1.0)")
+    tr.add_argument("--no-speech-threshold", type=float, default=0.6,
+                    help="skip a window whose no-speech probability is above this and whose text is unlikely")
     tr.add_argument("--without-timestamps", action="store_true", help="decode without timestamp tokens")
-    tr.add_argument("--output-format", "-f", default="txt", choices=["txt", "json", "srt", "vtt", "all"])
+    tr.add_argument("--word-timestamps", action="store_true",
+                    help="align every word (json segments then carry `words`)")
+    tr.add_argument("--prepend-punctuations", default=PREPEND_PUNCTUATIONS,
+                    help="with --word-timestamps, merge these symbols into the next word")
+    tr.add_argument("--append-punctuations", default=APPEND_PUNCTUATIONS,
+                    help="with --word-timestamps, merge these symbols into the previous word")
+    tr.add_argument("--output-format", "-f", default="txt", choices=[*FORMATS, "all"],
+                    help="file format to write; 'all' writes every one (default txt)")
     tr.add_argument("--output-dir", "-o", default=".", help="where to write <audio stem>.<format>")
     tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
     tr.set_defaults(func=_transcribe)

@@ -1,6 +1,10 @@
-"""Decode one batch of 30 s windows: language detection, greedy or sampled decoding with
-the KV cache, and openai-whisper's logit rules (suppress blank, suppress tokens,
-timestamp rules)."""
+"""Decode one batch of 30 s windows: language detection; greedy, best-of-N sampling or
+beam search with the KV cache; openai-whisper's logit rules (suppress blank, suppress
+tokens, timestamp rules) and its candidate ranking (length penalty).
+
+Every row of every window goes through one decoder call per step. A row names the cache
+row it continues, so beams reorder inside that call, and rows whose window is finished
+leave the batch instead of riding along."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runtime import CompiledWhisper
+from .runtime import CompiledWhisper, DecoderState
 from .tokenizer import WhisperTokenizer
 
 NEG_INF = -np.inf
@@ -21,12 +25,41 @@ class DecodingOptions:
     language: str | None = None
     temperature: float = 0.0
     sample_len: int | None = None          # default: half the text context
+    best_of: int | None = None             # samples per window when temperature > 0
+    beam_size: int | None = None           # beam search when temperature == 0
+    patience: float | None = None          # beam search stops after beam_size * patience finished
+    length_penalty: float | None = None    # None: rank by mean log-probability per token
     suppress_tokens: str | list[int] | None = "-1"  # "-1": the non-speech symbols
     suppress_blank: bool = True
     without_timestamps: bool = False
     max_initial_timestamp: float | None = 1.0
     prompt: list[int] = field(default_factory=list)  # previous text, after <|startofprev|>
     seed: int | None = 0                   # for temperature > 0
+
+    def __post_init__(self):
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', found {self.task!r}")
+        if self.beam_size is not None and self.best_of is not None:
+            raise ValueError("beam_size and best_of cannot be given together: beam search is "
+                             "for temperature 0, best_of for sampling")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, found {self.temperature}")
+        if self.temperature > 0 and self.beam_size is not None:
+            raise ValueError("beam_size needs temperature 0 (sampling uses best_of)")
+        if self.temperature == 0 and self.best_of is not None:
+            raise ValueError("best_of needs a temperature above 0 (greedy decoding has one candidate)")
+        for name in ("beam_size", "best_of"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.patience is not None and (self.beam_size is None or self.patience <= 0):
+            raise ValueError(f"patience needs beam_size and must be > 0, found {self.patience}")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
+            raise ValueError(f"length_penalty must lie in [0, 1], found {self.length_penalty}")
+
+    @property
+    def group(self) -> int:
+        """Rows decoded per window."""
+        return self.beam_size or (self.best_of if self.temperature > 0 else None) or 1
 
 
 @dataclass
@@ -132,10 +165,94 @@ def initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions) -> list[int]:
     return seq
 
 
+def _rank(candidates: list[tuple[list[int], float]], length_penalty: float | None) -> int:
+    """Index of the best (tokens, sum_logprob): openai-whisper's maximum-likelihood ranker."""
+    def score(c):
+        n = len(c[0])
+        penalty = n if length_penalty is None else ((5 + n) / 6) ** length_penalty
+        return c[1] / penalty
+    return max(range(len(candidates)), key=lambda i: score(candidates[i]))
+
+
+class _Rows:
+    """The rows in the batch: their window, tokens and summed log-probability. A step
+    replaces them with the rows that go on."""
+
+    def __init__(self, window: np.ndarray, tokens: list[list[int]], sum_logprob: np.ndarray):
+        self.window, self.tokens, self.sum_logprob = window, tokens, sum_logprob
+
+
+def _sample_step(rows: _Rows, logprobs, filtered, opts, rng, eot, done_out):
+    """Greedy or sampled next token per row. Finished rows go to `done_out[window]`;
+    returns (next tokens, source rows) of the rows that go on."""
+    if opts.temperature == 0:
+        nxt = np.argmax(filtered, axis=-1)
+    else:
+        p = np.exp(log_softmax(filtered / opts.temperature))
+        nxt = np.array([rng.choice(p.shape[-1], p=row / row.sum()) for row in p])
+    keep = []
+    for r, t in enumerate(nxt):
+        rows.sum_logprob[r] += logprobs[r, t]
+        rows.tokens[r].append(int(t))
+        if t == eot:
+            done_out[rows.window[r]].append((rows.tokens[r], float(rows.sum_logprob[r])))
+        else:
+            keep.append(r)
+    keep = np.array(keep, np.int64)
+    rows.window, rows.tokens = rows.window[keep], [rows.tokens[r] for r in keep]
+    rows.sum_logprob = rows.sum_logprob[keep]
+    return nxt[keep], keep
+
+
+def _beam_step(rows: _Rows, logprobs, opts, eot, done_out, max_candidates):
+    """openai-whisper's beam update: each beam's beam_size + 1 best continuations; per
+    window the beam_size best unfinished ones go on, finished ones are kept as candidates
+    until the window has `max_candidates`. Returns (next tokens, source rows)."""
+    beam = opts.beam_size
+    keep, nxt, new_tokens, new_sum = [], [], [], []
+    for w in dict.fromkeys(rows.window.tolist()):
+        scores: dict[tuple, tuple[float, int]] = {}
+        for r in np.flatnonzero(rows.window == w):
+            top = np.argpartition(-logprobs[r], beam)[: beam + 1]
+            for t in top[np.argsort(-logprobs[r, top], kind="stable")]:
+                if np.isfinite(logprobs[r, t]):
+                    scores[tuple(rows.tokens[r]) + (int(t),)] = (rows.sum_logprob[r] + logprobs[r, t], r)
+        finished, saved = [], 0
+        for seq in sorted(scores, key=lambda q: scores[q][0], reverse=True):
+            score, source = scores[seq]
+            if seq[-1] == eot:
+                finished.append((list(seq), score))
+            else:
+                keep.append(source)
+                nxt.append(seq[-1])
+                new_tokens.append(list(seq))
+                new_sum.append(score)
+                saved += 1
+                if saved == beam:
+                    break
+        room = max_candidates - len(done_out[w])
+        done_out[w].extend(finished[:max(room, 0)])
+        if len(done_out[w]) >= max_candidates:  # the window is done: its beams leave
+            del keep[len(keep) - saved:], nxt[len(nxt) - saved:]
+            del new_tokens[len(new_tokens) - saved:], new_sum[len(new_sum) - saved:]
+    rows.tokens, rows.sum_logprob = new_tokens, np.array(new_sum)
+    rows.window = rows.window[np.array(keep, np.int64)] if keep else rows.window[:0]
+    return np.array(nxt, np.int64), np.array(keep, np.int64)
+
+
+def _finish(rows: _Rows, done: list[list], group: int, eot: int) -> None:
+    """Rows still going when the length ran out end as if <|endoftext|> came next, best
+    first, until their window has `group` candidates."""
+    for r in np.argsort(-rows.sum_logprob, kind="stable"):
+        w = rows.window[r]
+        if len(done[w]) < group:
+            done[w].append((rows.tokens[r] + [eot], float(rows.sum_logprob[r])))
+
+
 def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingOptions) -> list[DecodingResult]:
     """Decode a batch of windows whose cross-attention K/V are `cross`; one result each."""
     cross_k, cross_v = cross
-    b = cross_k.shape[1]
+    n_win, group = cross_k.shape[1], opts.group
     prefix = initial_tokens(tok, opts)
     sot_index = prefix.index(tok.sot)
     sample_begin = len(prefix)
@@ -143,42 +260,43 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     sample_len = min(sample_len, tok.spec.decoder.n_ctx - sample_begin)
     rules = LogitRules(tok, opts, sample_begin)
     rng = np.random.default_rng(opts.seed)
+    max_candidates = round(group * (opts.patience or 1.0)) if opts.beam_size else group
 
-    tokens = [list(prefix) for _ in range(b)]
     state = model.start(cross_k, cross_v)
-    logits, state, _ = model.decode(np.array(tokens, np.int64), state)
-    sot_logprobs = log_softmax(logits[:, sot_index])
-    no_speech = np.exp(sot_logprobs[:, tok.no_speech])
-    logits = logits[:, -1]
-    sum_logprob = np.zeros(b)
-    done = np.zeros(b, bool)
-    for _ in range(sample_len):
-        filtered = rules(logits, tokens)
+    logits, state, _ = model.decode(np.array([prefix] * n_win, np.int64), state)
+    no_speech = np.exp(log_softmax(logits[:, sot_index])[:, tok.no_speech])
+    # The group's rows all start from their window's prompt cache row.
+    window = np.repeat(np.arange(n_win), group)
+    rows = _Rows(window, [list(prefix) for _ in window], np.zeros(len(window)))
+    logits, source = logits[window, -1], window
+    done: list[list[tuple[list[int], float]]] = [[] for _ in range(n_win)]
+    windows_of_cache = np.arange(n_win)  # the window of each row of the cache and cross
+    for step in range(sample_len):
+        filtered = rules(logits, rows.tokens)
         logprobs = log_softmax(filtered)
-        if opts.temperature == 0:
-            nxt = np.argmax(filtered, axis=-1)
+        if opts.beam_size:
+            nxt, keep = _beam_step(rows, logprobs, opts, tok.eot, done, max_candidates)
         else:
-            p = np.exp(log_softmax(filtered / opts.temperature))
-            nxt = np.array([rng.choice(p.shape[-1], p=row / row.sum()) for row in p])
-        nxt[done] = tok.eot
-        sum_logprob += np.where(done, 0.0, logprobs[np.arange(b), nxt])
-        for k in range(b):
-            tokens[k].append(int(nxt[k]))
-        done |= nxt == tok.eot
-        if done.all() or len(tokens[0]) >= sample_begin + sample_len:
+            nxt, keep = _sample_step(rows, logprobs, filtered, opts, rng, tok.eot, done)
+        if not len(keep) or step == sample_len - 1:
             break
-        # Finished rows ride along with <|endoftext|>; their outputs are ignored.
-        logits, state, _ = model.decode(nxt[:, None].astype(np.int64), state)
+        order = source[keep] if step == 0 else keep  # step 0 continues the prompt's cache rows
+        if not np.array_equal(windows_of_cache[order], windows_of_cache):
+            # Cross K/V rows follow the rows' windows; beams reordering within a window keep them.
+            state = DecoderState(state.self_k, state.self_v, model.select(state.cross_k, order),
+                                 model.select(state.cross_v, order), state.length)
+            windows_of_cache = windows_of_cache[order]
+        logits, state, _ = model.decode(nxt[:, None], state, order=order)
         logits = logits[:, -1]
 
+    _finish(rows, done, group, tok.eot)
     results = []
-    for k in range(b):
-        out = tokens[k][sample_begin:]
-        if tok.eot in out:
-            out = out[: out.index(tok.eot)]
+    for w in range(n_win):
+        candidates = [(seq[sample_begin: seq.index(tok.eot, sample_begin)], float(lp)) for seq, lp in done[w]]
+        out, sum_logprob = candidates[_rank(candidates, opts.length_penalty)]
         text = tok.decode(out).strip()
         results.append(DecodingResult(
-            tokens=out, text=text, language=tok.language, avg_logprob=float(sum_logprob[k] / (len(out) + 1)),
-            no_speech_prob=float(no_speech[k]), temperature=opts.temperature,
+            tokens=out, text=text, language=tok.language, avg_logprob=sum_logprob / (len(out) + 1),
+            no_speech_prob=float(no_speech[w]), temperature=opts.temperature,
             compression_ratio=compression_ratio(text)))
     return results

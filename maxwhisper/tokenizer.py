@@ -5,6 +5,7 @@ text vocabulary exactly as openai-whisper numbers them, derived from the spec.""
 from __future__ import annotations
 
 import copy
+import string
 from functools import cached_property
 from pathlib import Path
 
@@ -109,6 +110,38 @@ class WhisperTokenizer:
                 run.append(t)
         out.append(self.decode(run))
         return "".join(out)
+
+    def split_to_word_tokens(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
+        """Words and their tokens. Languages written without spaces split wherever the
+        tokens so far decode to whole characters; others at spaces and punctuation."""
+        pieces, piece_tokens = self._split_on_characters(tokens)
+        if self.language in {"zh", "ja", "th", "lo", "my", "yue"}:
+            return pieces, piece_tokens
+        words: list[str] = []
+        word_tokens: list[list[int]] = []
+        for piece, toks in zip(pieces, piece_tokens):
+            if not words or toks[0] >= self.eot or piece.startswith(" ") or piece.strip() in string.punctuation:
+                words.append(piece)
+                word_tokens.append(list(toks))
+            else:
+                words[-1] += piece
+                word_tokens[-1].extend(toks)
+        return words, word_tokens
+
+    def _split_on_characters(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
+        # A token can end inside a multi-byte character: extend the piece until it decodes
+        # cleanly, unless the full text itself has a replacement character there.
+        full = self.decode_with_timestamps(tokens)
+        pieces, piece_tokens, current, at = [], [], [], 0
+        for t in tokens:
+            current.append(t)
+            text = self.decode_with_timestamps(current)
+            bad = text.find("\ufffd")
+            if bad < 0 or full[at + bad: at + bad + 1] == "\ufffd":
+                pieces.append(text)
+                piece_tokens.append(current)
+                current, at = [], at + len(text)
+        return pieces, piece_tokens
 
     @cached_property
     def non_speech_tokens(self) -> list[int]:

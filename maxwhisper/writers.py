@@ -1,11 +1,11 @@
-"""Transcript files in openai-whisper's CLI conventions: txt, json, srt, vtt."""
+"""Transcript files in openai-whisper's CLI conventions: txt, json, srt, vtt, tsv."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-FORMATS = ("txt", "json", "srt", "vtt")
+FORMATS = ("txt", "json", "srt", "vtt", "tsv")
 
 
 def format_timestamp(seconds: float, always_include_hours: bool, decimal_marker: str) -> str:
@@ -18,10 +18,15 @@ def format_timestamp(seconds: float, always_include_hours: bool, decimal_marker:
 
 
 def _cues(result: dict):
+    """Non-empty segments as (start, end, text). Players mis-render cues that overlap or
+    run backwards, so a cue never starts before the previous one ended."""
+    last_end = 0.0
     for seg in result["segments"]:
         text = seg["text"].strip().replace("-->", "->")
         if text:
-            yield seg["start"], seg["end"], text
+            start = max(seg["start"], last_end)
+            last_end = max(seg["end"], start)
+            yield start, last_end, text
 
 
 def to_txt(result: dict) -> str:
@@ -40,6 +45,13 @@ def to_srt(result: dict) -> str:
 def to_vtt(result: dict) -> str:
     return "WEBVTT\n\n" + "".join(f"{format_timestamp(s, False, '.')} --> {format_timestamp(e, False, '.')}\n{t}\n\n"
                                   for s, e, t in _cues(result))
+
+
+def to_tsv(result: dict) -> str:
+    """Start and end in integer milliseconds, as openai-whisper writes them."""
+    rows = (f"{round(1000 * s['start'])}\t{round(1000 * s['end'])}\t{s['text'].strip().replace(chr(9), ' ')}\n"
+            for s in result["segments"])
+    return "start\tend\ttext\n" + "".join(rows)
 
 
 def write(result: dict, audio_path: str | Path, output_dir: str | Path, fmt: str) -> list[Path]:

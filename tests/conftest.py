@@ -19,6 +19,8 @@ def _reference_modules():
 
 PARITY_ROWS: list[tuple[str, str, float, float]] = []
 WER_ROWS: list[tuple[str, float, str]] = []  # (clip, word error rate, transcript)
+# (model, clip, words, share within 0.2 s of faster-whisper, median and max error in s)
+WORD_ROWS: list[tuple[str, str, int, float, float, float]] = []
 
 # A variant that exists in no checkpoint: 1 encoder layer, 2 decoder layers, narrow.
 # It proves that numbers and depth are data: no code knows about it.
@@ -101,6 +103,13 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line("|---|---|---|")
         for clip, rate, text in WER_ROWS:
             tr.write_line(f"| {clip} | {rate:.1%} | {text} |")
+    if WORD_ROWS:
+        tr = terminalreporter
+        tr.section("word timestamps against faster-whisper (same weights, beam 5)")
+        tr.write_line("| model | clip | words | within 0.2 s | median error | max error |")
+        tr.write_line("|---|---|---|---|---|---|")
+        for model, clip, n, close, median, worst in WORD_ROWS:
+            tr.write_line(f"| {model} | {clip} | {n} | {close:.0%} | {median:.3f} s | {worst:.3f} s |")
 
 
 # --- real weights and speech -------------------------------------------------------
@@ -149,3 +158,43 @@ def tiny_en(model_cache):
 @pytest.fixture(scope="session")
 def base_model(model_cache):
     return real_model("base")
+
+
+def joined(names: list[str], gap_s: float = 1.0, repeat: int = 1) -> tuple[np.ndarray, str]:
+    """Committed clips joined with silent gaps: long audio whose text is known."""
+    from maxwhisper.audio import load_audio
+
+    clips = speech_clips()
+    parts, texts = [], []
+    for _ in range(repeat):
+        for name in names:
+            path = str(SPEECH_DIR / f"{name}.wav")
+            parts += [load_audio(path), np.zeros(int(16000 * gap_s), np.float32)]
+            texts.append(clips[path])
+    return np.concatenate(parts), " ".join(texts)
+
+
+_PEERS: dict = {}
+
+
+def faster_whisper_peer(name: str, tmp_root):
+    """faster-whisper (float32, 2 threads) on the same CTranslate2 package our model was
+    converted from; a split model.bin is joined into a directory first."""
+    fw = pytest.importorskip("faster_whisper", reason="the peer comparison needs faster-whisper")
+    from pathlib import Path
+
+    from maxwhisper.registry import package_files
+
+    if name not in _PEERS:
+        parts, _ = package_files(name)
+        if len(parts) == 1:
+            directory = parts[0].parent
+        else:
+            directory = Path(tmp_root) / f"ct2-{name}"
+            directory.mkdir(exist_ok=True)
+            (directory / "model.bin").write_bytes(b"".join(p.read_bytes() for p in parts))
+            for f in ("config.json", "tokenizer.json", "vocabulary.txt"):
+                if (parts[0].parent / f).is_file():
+                    (directory / f).write_bytes((parts[0].parent / f).read_bytes())
+        _PEERS[name] = fw.WhisperModel(str(directory), device="cpu", compute_type="float32", cpu_threads=2)
+    return _PEERS[name]

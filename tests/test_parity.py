@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import get_spec, record_parity, shared_compiled, shared_reference
+from maxwhisper.runtime import DecoderState
 
 torch = pytest.importorskip("torch", reason="needs the PyTorch reference: pip install -e '.[test]'")
 F = torch.nn.functional
@@ -94,6 +95,49 @@ def test_decoder_every_block_and_logits(parity_case):
     for stage in stages:
         rel = record_parity(name, stage, got[stage], want[stage].numpy())
         assert rel <= REL_TOL, f"{name} {stage}: relative error {rel:.2e} > {REL_TOL}"
+
+
+def test_alignment_head_scores(parity_case):
+    """The cross-attention scores that word timestamps align with: the spec's alignment
+    heads, scaled and before softmax, as openai-whisper's hooks see them."""
+    from whisper.model import disable_sdpa
+
+    from maxwhisper.builder import alignment_heads
+
+    name, spec, ref, compiled, mel, tokens = parity_case
+    _, ck, cv = compiled.encode(mel)[:3]
+    _, _, taps = compiled.decode(tokens, compiled.start(ck, cv))
+    got = taps[compiled.decoder_outputs.index("alignment_qk") - 3].to_numpy()
+    qks, hooks = {}, [block.cross_attn.register_forward_hook(
+        lambda m, inp, out, i=i: qks.__setitem__(i, out[1])) for i, block in enumerate(ref.decoder.blocks)]
+    try:
+        with torch.no_grad(), disable_sdpa():
+            ref.decoder(torch.from_numpy(tokens), ref.encoder(torch.from_numpy(mel)))
+    finally:
+        for h in hooks:
+            h.remove()
+    heads = sorted(alignment_heads(spec))
+    want = np.stack([qks[layer][:, head].numpy() for layer, head in heads], axis=1)
+    assert got.shape == want.shape
+    rel = record_parity(name, "alignment heads cross-attn scores", got, want)
+    assert rel <= REL_TOL, f"{name} alignment scores: relative error {rel:.2e} > {REL_TOL}"
+
+
+def test_rows_reorder_and_drop_inside_the_step(parity_case):
+    """A step's row order picks which cache row each output row continues: reversing,
+    repeating or dropping rows gives exactly the logits of those rows."""
+    name, spec, ref, compiled, mel, tokens = parity_case
+    _, ck, cv = compiled.encode(mel)[:3]
+    _, state, _ = compiled.decode(tokens[:, :6], compiled.start(ck, cv))
+    want, _, _ = compiled.decode(tokens[:, 6:7], state)
+    for order in ([1, 0], [0, 0, 1], [1]):
+        sub = DecoderState(state.self_k, state.self_v, compiled.select(ck, order), compiled.select(cv, order),
+                           state.length)
+        got, new, _ = compiled.decode(tokens[order, 6:7], sub, order=order)
+        np.testing.assert_array_equal(got, want[order])
+        assert new.self_k.shape[1] == len(order)
+    with pytest.raises(ValueError, match="order must be"):
+        compiled.decode(tokens[:, 6:7], state, order=[0, 2])
 
 
 @pytest.mark.parametrize("split", [[12], [4, 1, 1, 6], [1] * 12])

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import SPEECH_DIR, WER_ROWS, speech_clips
+from conftest import SPEECH_DIR, WER_ROWS, faster_whisper_peer, joined, speech_clips
 from maxwhisper.audio import AudioError, load_audio
 from maxwhisper.cli import main
-from maxwhisper.registry import package_files
 from maxwhisper.runtime import resolve_device
 
 jiwer = pytest.importorskip("jiwer", reason="WER needs jiwer: pip install -e '.[test]'")
@@ -28,26 +27,9 @@ def wer(reference: str, hypothesis: str) -> float:
     return jiwer.wer(NORMALIZE(reference), NORMALIZE(hypothesis))
 
 
-def joined(names: list[str], gap_s: float = 1.0, repeat: int = 1) -> tuple[np.ndarray, str]:
-    """Committed clips joined with silent gaps: long audio whose text is known."""
-    clips = speech_clips()
-    parts, texts = [], []
-    for _ in range(repeat):
-        for name in names:
-            path = str(SPEECH_DIR / f"{name}.wav")
-            parts += [load_audio(path), np.zeros(int(16000 * gap_s), np.float32)]
-            texts.append(clips[path])
-    return np.concatenate(parts), " ".join(texts)
-
-
-def ct2_dir(model: str) -> Path:
-    (model_bin,), _ = package_files(model)
-    return model_bin.parent
-
-
 @pytest.fixture(scope="session")
-def peer_tiny_en():
-    return fw.WhisperModel(str(ct2_dir("tiny.en")), device="cpu", compute_type="float32", cpu_threads=2)
+def peer_tiny_en(tmp_path_factory):
+    return faster_whisper_peer("tiny.en", tmp_path_factory.mktemp("peers"))
 
 
 def first_difference(ours: list[int], theirs: list[int]) -> int | None:
@@ -239,23 +221,13 @@ def test_base_detects_the_language(base_model, lang, name):
     assert max(result["language_probs"], key=result["language_probs"].get) == lang
 
 
-def test_base_tokens_equal_faster_whisper(base_model):
-    import tempfile
-
+def test_base_tokens_equal_faster_whisper(base_model, tmp_path_factory):
     wav, _ = audioeval_sample("es", "pangrama")
     audio = load_audio(wav)
     ours = base_model.transcribe(audio, temperature=0.0)
-    with tempfile.TemporaryDirectory() as d:
-        # faster-whisper reads a directory: join the split model.bin, add its config.
-        parts, _ = package_files("base")
-        (Path(d) / "model.bin").write_bytes(b"".join(p.read_bytes() for p in parts))
-        for f in ("config.json", "tokenizer.json", "vocabulary.txt"):
-            src = parts[0].parent / f
-            if src.is_file():
-                (Path(d) / f).write_bytes(src.read_bytes())
-        peer = fw.WhisperModel(d, device="cpu", compute_type="float32", cpu_threads=2)
-        segments, info = peer.transcribe(audio, beam_size=1, temperature=0.0, vad_filter=False)
-        segments = list(segments)
+    peer = faster_whisper_peer("base", tmp_path_factory.mktemp("peers"))
+    segments, info = peer.transcribe(audio, beam_size=1, temperature=0.0, vad_filter=False)
+    segments = list(segments)
     assert info.language == ours["language"] == "es"
     mine = [t for s in ours["segments"] for t in s["tokens"]]
     theirs = [t for s in segments for t in s.tokens]

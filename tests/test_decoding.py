@@ -1,0 +1,140 @@
+"""Decoding and word-timing pieces against openai-whisper's own implementations, on
+random inputs: beam update and finalisation, candidate ranking, DTW, median filter,
+punctuation merging and word splitting. No model is compiled here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maxwhisper import decoding, timing
+from maxwhisper.decoding import DecodingOptions
+from maxwhisper.registry import package_files
+from maxwhisper.spec import load_spec
+from maxwhisper.tokenizer import WhisperTokenizer
+
+torch = pytest.importorskip("torch", reason="needs the PyTorch reference: pip install -e '.[test]'")
+wd = pytest.importorskip("whisper.decoding", reason="needs openai-whisper: pip install -e '.[test]'")
+wtiming = pytest.importorskip("whisper.timing", reason="needs openai-whisper: pip install -e '.[test]'")
+
+
+class _NoCache:
+    def rearrange_kv_cache(self, source_indices):
+        self.sources = list(source_indices)
+
+
+@pytest.mark.parametrize("patience", [None, 2.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_step_equals_openai(seed, patience):
+    """Same logits in, same surviving beams, sources and finished candidates out, step
+    after step, through to the final candidate lists; a finished window's beams leave
+    our batch, openai-whisper keeps computing them."""
+    rng = np.random.default_rng(seed)
+    n_audio, beam, vocab, eot = 3, 4, 12, 11
+    prefix = [7, 8]
+    ref = wd.BeamSearchDecoder(beam, eot, _NoCache(), patience)
+    ref.reset()
+    ref_tokens = torch.tensor([prefix] * (n_audio * beam))
+    ref_sum = torch.zeros(n_audio * beam)
+    opts = DecodingOptions(beam_size=beam, patience=patience)
+    max_candidates = round(beam * (patience or 1.0))
+    window = np.repeat(np.arange(n_audio), beam)
+    rows = decoding._Rows(window, [list(prefix) for _ in window], np.zeros(len(window)))
+    done = [[] for _ in range(n_audio)]
+    for step in range(8):
+        logits = rng.standard_normal((n_audio * beam, vocab)) * 3
+        logits[:, eot] += step * 0.6  # ending grows likelier: windows finish at different steps
+        ours_in = logits[[w * beam + j for w in range(n_audio) for j in range(beam)
+                          if w in set(rows.window.tolist())]]
+        ref_tokens, completed = ref.update(ref_tokens, torch.from_numpy(logits).float(), ref_sum)
+        nxt, keep = decoding._beam_step(rows, decoding.log_softmax(ours_in.astype(np.float32)), opts, eot, done,
+                                        max_candidates)
+        for w in range(n_audio):
+            assert [list(s) for s in ref.finished_sequences[w]] == [s for s, _ in done[w]], (step, w)
+            assert list(ref.finished_sequences[w].values()) == pytest.approx([lp for _, lp in done[w]], abs=1e-4)
+            mine = [rows.tokens[r] for r in np.flatnonzero(rows.window == w)]
+            if mine:  # still open: the same beams in the same order
+                assert mine == ref_tokens[w * beam:(w + 1) * beam].tolist(), (step, w)
+        if completed:
+            assert len(rows.tokens) == 0
+            break
+    decoding._finish(rows, done, beam, eot)
+    ref_final, ref_lp = ref.finalize(ref_tokens.reshape(n_audio, beam, -1), ref_sum.reshape(n_audio, beam))
+    for w in range(n_audio):
+        assert [t.tolist() for t in ref_final[w]] == [s for s, _ in done[w]]
+
+
+@pytest.mark.parametrize("length_penalty", [None, 0.0, 0.5, 1.0])
+def test_ranking_equals_openai(length_penalty):
+    rng = np.random.default_rng(3)
+    ranker = wd.MaximumLikelihoodRanker(length_penalty)
+    for _ in range(20):
+        lengths = rng.integers(1, 30, size=5)
+        cands = [(list(range(n)), float(-rng.uniform(0.1, 2.0) * n)) for n in lengths]
+        (want,) = ranker.rank([[torch.zeros(n) for n in lengths]], [[lp for _, lp in cands]])
+        assert decoding._rank(cands, length_penalty) == want
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(beam_size=5, best_of=5), "cannot be given together"),
+    (dict(temperature=0.5, beam_size=5), "beam_size needs temperature 0"),
+    (dict(best_of=5), "best_of needs a temperature above 0"),
+    (dict(patience=2.0), "patience needs beam_size"),
+    (dict(beam_size=5, length_penalty=1.5), "length_penalty must lie in"),
+    (dict(beam_size=0), "beam_size must be >= 1"),
+    (dict(task="summarise"), "task must be"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+])
+def test_contradictory_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingOptions(**kwargs)
+
+
+def test_dtw_equals_openai_including_ties():
+    rng = np.random.default_rng(0)
+    for shape, integer in [((12, 40), False), ((30, 30), True), ((5, 90), True), ((1, 7), False), ((9, 1), False)]:
+        x = rng.integers(0, 3, size=shape).astype(np.float64) if integer else rng.standard_normal(shape)
+        rows, cols = timing.dtw(x)
+        want = wtiming.dtw_cpu(x)
+        np.testing.assert_array_equal(rows, want[0])
+        np.testing.assert_array_equal(cols, want[1])
+
+
+@pytest.mark.parametrize("width", [1, 3, 7])
+def test_median_filter_equals_openai(width):
+    x = np.random.default_rng(1).standard_normal((3, 9, 50))
+    np.testing.assert_allclose(timing.median_filter(x, width),
+                               wtiming.median_filter(torch.from_numpy(x), width).numpy())
+    short = np.ones((2, 3))  # shorter than the reflection: returned as it is
+    np.testing.assert_array_equal(timing.median_filter(short, 7), short)
+
+
+def test_punctuation_merges_like_openai():
+    words = [" \"", "Hello", ",", " world", "!", " (", "ok", ")", " -", " yes", "."]
+
+    def make(cls):
+        return [cls(w, [i], float(i), float(i) + 1, 0.5) for i, w in enumerate(words)]
+
+    ours, ref = make(timing.WordTiming), make(wtiming.WordTiming)
+    timing.merge_punctuations(ours, timing.PREPEND_PUNCTUATIONS, timing.APPEND_PUNCTUATIONS)
+    wtiming.merge_punctuations(ref, timing.PREPEND_PUNCTUATIONS, timing.APPEND_PUNCTUATIONS)
+    assert [(w.word, w.tokens) for w in ours] == [(w.word, w.tokens) for w in ref]
+    assert [w.word for w in ours if w.word] == [' "Hello,', " world!", " (ok)", " - yes."]
+
+
+@pytest.mark.parametrize("language,text", [
+    ("en", " Hello, world! It's 3.14 o'clock -- isn't it?"),
+    ("en", " Ünïcödé façade — naïve 'quotes'"),
+    ("ja", "こんにちは、世界。今日はいい天気ですね"),
+    ("zh", "你好，世界。"),
+])
+def test_word_split_equals_openai(language, text):
+    wt = pytest.importorskip("whisper.tokenizer")
+    ours = WhisperTokenizer(package_files("base")[1], load_spec("base"), language=language)
+    ref = wt.get_tokenizer(True, num_languages=99, language=language, task="transcribe")
+    tokens = ours.encode(text)
+    assert tokens == ref.encode(text)
+    words, word_tokens = ours.split_to_word_tokens(tokens + [ours.eot])
+    ref_words, ref_tokens = ref.split_to_word_tokens(tokens + [ref.eot])
+    assert word_tokens == ref_tokens
+    assert words[:-1] == ref_words[:-1]  # the last is <|endoftext|>, which we decode to ""
