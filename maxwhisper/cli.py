@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .registry import DEFAULT_MODEL
 from .spec import SpecError, load_spec
@@ -45,38 +44,48 @@ def _transcribe(args) -> int:
 
     from .audio import AudioError, load_audio
     from .model import load_model
+    from .transcribe import transcribe_batch
     from .writers import write
 
     if args.word_timestamps and args.task == "translate":
         raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
 
     model = load_model(args.model, device=args.device)  # compiled once for every input
+    rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
+    loaded: list[str] = []
     failed = 0
-    for audio_path in args.audio:
-        try:
-            samples = load_audio(audio_path, model.spec.audio.sample_rate)
-        except AudioError as e:
-            print(f"maxwhisper: error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        seconds = len(samples) / model.spec.audio.sample_rate
-        frame = model.spec.audio.hop_length / model.spec.audio.sample_rate
-        with tqdm(total=round(seconds, 2), unit="s", disable=seconds <= 30 or args.quiet,
-                  desc=Path(audio_path).name) as bar:
-            result = model.transcribe(
-                samples, language=args.language, task=args.task, temperature=args.temperature,
-                beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of), patience=args.patience,
-                length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
-                condition_on_previous_text=args.condition_on_previous_text,
-                compression_ratio_threshold=args.compression_ratio_threshold,
-                logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
-                without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
-                prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
-                progress=lambda frames, _total: bar.update(round(frames * frame, 2)))
-        for path in write(result, audio_path, args.output_dir, args.output_format):
-            print(f"wrote {path}", file=sys.stderr)
-        if not args.quiet:
-            print(result["text"].strip())
+    bar = tqdm(total=0, unit="s", disable=args.quiet or not sys.stderr.isatty(), desc="transcribing")
+
+    def inputs():
+        nonlocal failed
+        for audio_path in args.audio:
+            try:
+                samples = load_audio(audio_path, rate)
+            except AudioError as e:
+                print(f"maxwhisper: error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            loaded.append(audio_path)
+            bar.total = round(bar.total + len(samples) / rate, 2)
+            bar.refresh()
+            yield samples
+
+    results = transcribe_batch(
+        model, inputs(), batch_size=args.batch_size, language=args.language, task=args.task,
+        temperature=args.temperature, beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of),
+        patience=args.patience, length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
+        condition_on_previous_text=args.condition_on_previous_text,
+        compression_ratio_threshold=args.compression_ratio_threshold,
+        logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
+        without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
+        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
+        progress=lambda _i, frames, _total: bar.update(round(frames * hop / rate, 2)))
+    with bar:
+        for index, result in results:
+            for path in write(result, loaded[index], args.output_dir, args.output_format):
+                bar.write(f"wrote {path}", file=sys.stderr)
+            if not args.quiet:
+                bar.write(result["text"].strip(), file=sys.stdout)
     return 2 if failed else 0
 
 
@@ -135,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output-format", "-f", default="txt", choices=[*FORMATS, "all"],
                     help="file format to write; 'all' writes every one (default txt)")
     tr.add_argument("--output-dir", "-o", default=".", help="where to write <audio stem>.<format>")
+    tr.add_argument("--batch-size", type=int, default=8,
+                    help="audio files decoded together, one window each per step (default 8)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
     tr.set_defaults(func=_transcribe)
     return parser

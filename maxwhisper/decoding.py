@@ -155,11 +155,17 @@ def detect_language(model: CompiledWhisper, tok: WhisperTokenizer, cross) -> tup
     return codes, [dict(zip(tok.languages, map(float, p))) for p in probs]
 
 
-def initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions) -> list[int]:
+def prompt_length(tok: WhisperTokenizer, prompt: list[int]) -> int:
+    """How many previous-text tokens go before a window: at most half the context, so
+    the window keeps room to speak."""
+    return min(len(prompt), tok.spec.decoder.n_ctx // 2 - 1)
+
+
+def initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, prompt: list[int] | None = None) -> list[int]:
+    prompt = opts.prompt if prompt is None else prompt
     seq = list(tok.sot_sequence)
-    if opts.prompt:
-        # At most half the context is prompt, so the window keeps room to speak.
-        seq = [tok.sot_prev] + list(opts.prompt)[-(tok.spec.decoder.n_ctx // 2 - 1):] + seq
+    if prompt:
+        seq = [tok.sot_prev] + list(prompt)[len(prompt) - prompt_length(tok, prompt):] + seq
     if opts.without_timestamps:
         seq.append(tok.no_timestamps)
     return seq
@@ -249,11 +255,18 @@ def _finish(rows: _Rows, done: list[list], group: int, eot: int) -> None:
             done[w].append((rows.tokens[r] + [eot], float(rows.sum_logprob[r])))
 
 
-def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingOptions) -> list[DecodingResult]:
-    """Decode a batch of windows whose cross-attention K/V are `cross`; one result each."""
+def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingOptions,
+           prompts: list[list[int]] | None = None) -> list[DecodingResult]:
+    """Decode a batch of windows whose cross-attention K/V are `cross`; one result each.
+    `prompts`: each window's previous text (default: `opts.prompt` for all); they must
+    give prefixes of one length, since the rows step together."""
     cross_k, cross_v = cross
     n_win, group = cross_k.shape[1], opts.group
-    prefix = initial_tokens(tok, opts)
+    prefixes = [initial_tokens(tok, opts, p) for p in (prompts if prompts is not None else [None] * n_win)]
+    if len(prefixes) != n_win or len({len(p) for p in prefixes}) != 1:
+        raise ValueError(f"{n_win} windows need {n_win} prompts of one length, found lengths "
+                         f"{[len(p) for p in prefixes]}")
+    prefix = prefixes[0]
     sot_index = prefix.index(tok.sot)
     sample_begin = len(prefix)
     sample_len = opts.sample_len or tok.spec.decoder.n_ctx // 2
@@ -263,11 +276,11 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     max_candidates = round(group * (opts.patience or 1.0)) if opts.beam_size else group
 
     state = model.start(cross_k, cross_v)
-    logits, state, _ = model.decode(np.array([prefix] * n_win, np.int64), state)
+    logits, state, _ = model.decode(np.array(prefixes, np.int64), state)
     no_speech = np.exp(log_softmax(logits[:, sot_index])[:, tok.no_speech])
     # The group's rows all start from their window's prompt cache row.
     window = np.repeat(np.arange(n_win), group)
-    rows = _Rows(window, [list(prefix) for _ in window], np.zeros(len(window)))
+    rows = _Rows(window, [list(prefixes[w]) for w in window], np.zeros(len(window)))
     logits, source = logits[window, -1], window
     done: list[list[tuple[list[int], float]]] = [[] for _ in range(n_win)]
     windows_of_cache = np.arange(n_win)  # the window of each row of the cache and cross

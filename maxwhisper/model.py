@@ -11,7 +11,7 @@ from .registry import DEFAULT_MODEL, ensure_converted
 from .runtime import CompiledWhisper
 from .spec import ModelSpec, load_spec
 from .tokenizer import WhisperTokenizer
-from .transcribe import transcribe
+from .transcribe import transcribe, transcribe_batch
 from .weights import WeightsError, load_weights, read_metadata
 
 
@@ -35,12 +35,20 @@ class Whisper:
     def transcribe(self, audio: str | Path | np.ndarray, **options) -> dict:
         """`audio`: a file path, or mono float32 samples at 16 kHz. Options as
         openai-whisper's `transcribe()` (language, task, temperature, ...)."""
+        return transcribe(self, self._samples(audio), **options)
+
+    def transcribe_many(self, audios, batch_size: int = 8, **options) -> list[dict]:
+        """Transcribe several files or sample arrays, up to `batch_size` decoded together;
+        results in input order, equal to transcribing each alone."""
+        results = dict(transcribe_batch(self, (self._samples(a) for a in audios), batch_size=batch_size,
+                                        **options))
+        return [results[i] for i in range(len(results))]
+
+    def _samples(self, audio: str | Path | np.ndarray) -> np.ndarray:
         rate = self.spec.audio.sample_rate
         if isinstance(audio, (str, Path)):
-            samples = load_audio(audio, rate)
-        else:
-            samples = prepare(audio, rate, rate)
-        return transcribe(self, samples, **options)
+            return load_audio(audio, rate)
+        return prepare(audio, rate, rate)
 
 
 def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:

@@ -1,12 +1,15 @@
 """Long-form transcription: slide a 30 s window along the audio, seeking to the last
-complete timestamped segment, as openai-whisper's `transcribe()` does."""
+complete timestamped segment, as openai-whisper's `transcribe()` does; many audios walk
+their windows side by side so that each step encodes and decodes a batch."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from .audio import log_mel_spectrogram, pad_or_trim
-from .decoding import DecodingOptions, DecodingResult, decode, detect_language
+from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -41,110 +44,197 @@ def _segments_from_window(tokens: list[int], tb: int, time_offset: float, window
     return segments, advance, single_ending
 
 
-def transcribe(model, audio: np.ndarray, *, language: str | None = None, task: str = "transcribe",
-               temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
-               beam_size: int | None = None, best_of: int | None = None, patience: float | None = None,
-               length_penalty: float | None = None,
-               compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
-               no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
-               initial_prompt: str | None = None, without_timestamps: bool = False,
-               suppress_tokens: str | list[int] | None = "-1", suppress_blank: bool = True,
-               word_timestamps: bool = False, prepend_punctuations: str = PREPEND_PUNCTUATIONS,
-               append_punctuations: str = APPEND_PUNCTUATIONS,
-               silence_threshold_db: float | None = -60.0, progress=None) -> dict:
+class _Stream:
+    """One audio's walk through its 30 s windows: where it is, what it said, and the
+    previous text that prompts its next window."""
+
+    def __init__(self, model, audio: np.ndarray, tok, initial_prompt: str | None, floor: float | None):
+        a = model.spec.audio
+        self.audio, self.tok, self.floor = audio, tok, floor
+        self.mel = log_mel_spectrogram(audio, a, padding=a.n_samples)
+        self.content_frames = self.mel.shape[-1] - a.n_frames
+        self.prompt_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
+        self.all_tokens: list[int] = list(self.prompt_tokens)
+        self.segments: list[dict] = []
+        self.prompt_reset_since = self.seek = 0
+        self.last_speech_timestamp = 0.0
+        self.language_probs = None
+
+    @property
+    def finished(self) -> bool:
+        return self.seek >= self.content_frames
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.all_tokens[self.prompt_reset_since:]
+
+    def window(self, n_frames: int, hop: int) -> tuple[int, np.ndarray | None]:
+        """The next window's content frames and its padded log-mel; None when it is too
+        quiet to hold speech. Only content frames go in: the rest of the window is
+        zeros, not the log-mel of padding, as openai-whisper and faster-whisper feed it."""
+        frames = min(n_frames, self.content_frames - self.seek)
+        samples = self.audio[self.seek * hop: (self.seek + frames) * hop]
+        if self.floor is not None and (samples.size == 0 or np.max(np.abs(samples)) < self.floor):
+            return frames, None
+        return frames, pad_or_trim(self.mel[:, self.seek: self.seek + frames], n_frames)
+
+    def accept(self, model, result: DecodingResult | None, cross, frames: int, cfg: dict) -> None:
+        """Take a window's decoding (None: skipped unheard) and move on."""
+        spec, a = model.spec, model.spec.audio
+        input_stride = a.n_frames // spec.encoder.n_ctx
+        precision = input_stride * a.hop_length / a.sample_rate
+        frame_seconds = a.hop_length / a.sample_rate
+        time_offset, previous_seek = self.seek * frame_seconds, self.seek
+        no_speech, lp = cfg["no_speech_threshold"], cfg["logprob_threshold"]
+        if result is None or (no_speech is not None and result.no_speech_prob > no_speech
+                              and not (lp is not None and result.avg_logprob > lp)):
+            self.seek += frames  # too quiet to encode, or no speech heard: no words, no prompt
+            return
+        tok = self.tok
+        pieces, advance, single_ending = _segments_from_window(
+            result.tokens, tok.timestamp_begin, time_offset, frames, input_stride, precision)
+        self.seek += advance
+        current = [dict(id=len(self.segments) + i, seek=previous_seek, start=round(start, 3), end=round(end, 3),
+                        text=tok.decode(toks), tokens=toks, temperature=result.temperature,
+                        avg_logprob=result.avg_logprob, compression_ratio=result.compression_ratio,
+                        no_speech_prob=result.no_speech_prob)
+                   for i, (start, end, toks) in enumerate(pieces)]
+        if cfg["word_timestamps"]:
+            add_word_timestamps(current, model.runtime, tok, cross, frames, self.last_speech_timestamp,
+                                cfg["prepend_punctuations"], cfg["append_punctuations"])
+            word_ends = [w["end"] for s in current for w in s["words"]]
+            if word_ends:
+                self.last_speech_timestamp = word_ends[-1]
+                # The last word is a better place to resume than a cut-off segment.
+                if not single_ending and word_ends[-1] > time_offset:
+                    self.seek = round(word_ends[-1] / frame_seconds)
+        for segment in current:
+            if segment["start"] == segment["end"] or not segment["text"].strip():
+                # Instantaneous or empty: keep its slot, drop its words.
+                segment.update(text="", tokens=[], **({"words": []} if cfg["word_timestamps"] else {}))
+            self.all_tokens.extend(segment["tokens"])
+        self.segments.extend(current)
+        if not cfg["condition_on_previous_text"] or result.temperature > 0.5:
+            self.prompt_reset_since = len(self.all_tokens)
+
+    def result(self) -> dict:
+        out = dict(text=self.tok.decode(self.all_tokens[len(self.prompt_tokens):]), segments=self.segments,
+                   language=self.tok.language)
+        if self.language_probs is not None:
+            out["language_probs"] = self.language_probs
+        return out
+
+
+def transcribe(model, audio: np.ndarray, *, progress=None, **options) -> dict:
     """`model` is a `maxwhisper.model.Whisper`; `audio` mono float32 at the model's rate.
     Returns openai-whisper's keys: text, segments (with `words` when `word_timestamps`),
-    language. `beam_size` applies at temperature 0, `best_of` above it.
+    language. Options as `transcribe_batch`; `progress(frames, total_frames)`."""
+    report = None if progress is None else (lambda _i, frames, total: progress(frames, total))
+    ((_, result),) = transcribe_batch(model, [audio], progress=report, **options)
+    return result
 
-    `silence_threshold_db`: a window whose loudest sample is below this level (dBFS) is
-    skipped unheard. openai-whisper's no-speech rule alone lets a confident
-    hallucination through (tiny.en says " you" to 20 s of digital zeros, no-speech
-    probability 0.94); audio this quiet holds no speech to transcribe."""
-    spec, runtime = model.spec, model.runtime
-    a = spec.audio
-    tok = model.tokenizer.with_language(language, task)
+
+def transcribe_batch(model, audios: Iterable[np.ndarray], *, batch_size: int = 8, language: str | None = None,
+                     task: str = "transcribe", temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
+                     beam_size: int | None = None, best_of: int | None = None, patience: float | None = None,
+                     length_penalty: float | None = None,
+                     compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
+                     no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
+                     initial_prompt: str | None = None, without_timestamps: bool = False,
+                     suppress_tokens: str | list[int] | None = "-1", suppress_blank: bool = True,
+                     word_timestamps: bool = False, prepend_punctuations: str = PREPEND_PUNCTUATIONS,
+                     append_punctuations: str = APPEND_PUNCTUATIONS,
+                     silence_threshold_db: float | None = -60.0, progress=None) -> Iterator[tuple[int, dict]]:
+    """Transcribe many audios, up to `batch_size` at once: their current windows are
+    encoded in one call and decoded together (windows whose prompts differ in length
+    go in separate groups), and a finished audio makes room for the next. Yields
+    (index, result) as each audio finishes; results equal one-by-one transcription.
+
+    `beam_size` applies at temperature 0, `best_of` above it. `silence_threshold_db`: a
+    window whose loudest sample is below this level (dBFS) is skipped unheard.
+    openai-whisper's no-speech rule alone lets a confident hallucination through
+    (tiny.en says " you" to 20 s of digital zeros, no-speech probability 0.94); audio
+    this quiet holds no speech to transcribe. `progress(index, frames, total_frames)`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
     if word_timestamps and task == "translate":
         raise ValueError("word_timestamps align the spoken words; they are not available with task='translate'")
-    n_frames = a.n_frames
-    mel = log_mel_spectrogram(audio, a, padding=a.n_samples)
-    content_frames = mel.shape[-1] - n_frames
-    input_stride = n_frames // spec.encoder.n_ctx
-    precision = input_stride * a.hop_length / a.sample_rate
-    frame_seconds = a.hop_length / a.sample_rate
+    spec, runtime = model.spec, model.runtime
+    a = spec.audio
+    base_tok = model.tokenizer.with_language(language, task)
     temperatures = (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
     search = dict(beam_size=beam_size, best_of=best_of, patience=patience, length_penalty=length_penalty)
-    # Options are checked now, not after the first window has been decoded.
-    for t in temperatures:
-        _options_at(t, search, task=task)
-
-    def encode(seek: int, frames: int):
-        # Only content frames; the rest of the window is zeros, not the log-mel of the
-        # padding silence, exactly as openai-whisper and faster-whisper feed the encoder.
-        window = pad_or_trim(mel[:, seek: seek + frames], n_frames)[None]
-        _, ck, cv = runtime.encode(window)[:3]
-        return ck, cv
-
-    language_probs = None
-    if tok.multilingual and tok.language is None:
-        codes, probs = detect_language(runtime, tok, encode(0, min(n_frames, content_frames)))
-        tok = tok.with_language(codes[0], task)
-        language_probs = probs[0]
-
-    prompt_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
-    all_tokens: list[int] = list(prompt_tokens)
-    segments: list[dict] = []
-    prompt_reset_since = 0
-    seek = 0
-    last_speech_timestamp = 0.0
+    fixed = dict(task=task, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
+                 without_timestamps=without_timestamps)
+    for t in temperatures:  # options are checked now, not after the first window
+        _options_at(t, search, **fixed)
+    cfg = dict(no_speech_threshold=no_speech_threshold, logprob_threshold=logprob_threshold,
+               compression_ratio_threshold=compression_ratio_threshold, word_timestamps=word_timestamps,
+               condition_on_previous_text=condition_on_previous_text,
+               prepend_punctuations=prepend_punctuations, append_punctuations=append_punctuations)
     floor = None if silence_threshold_db is None else 10.0 ** (silence_threshold_db / 20.0)
-    while seek < content_frames:
-        time_offset = seek * frame_seconds
-        window_frames = min(n_frames, content_frames - seek)
-        previous_seek = seek
-        samples = audio[seek * a.hop_length: (seek + window_frames) * a.hop_length]
-        quiet = floor is not None and (samples.size == 0 or np.max(np.abs(samples)) < floor)
-        cross = None if quiet else encode(seek, window_frames)
-        result = None if quiet else _decode_with_fallback(
-            runtime, tok, cross, temperatures, search, dict(
-                task=task, language=tok.language, prompt=all_tokens[prompt_reset_since:],
-                suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-                without_timestamps=without_timestamps), compression_ratio_threshold,
-            logprob_threshold, no_speech_threshold)
-        if result is None or (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
-                              and not (logprob_threshold is not None and result.avg_logprob > logprob_threshold)):
-            seek += window_frames  # too quiet to encode, or no speech heard: no words, no prompt
-        else:
-            pieces, advance, single_ending = _segments_from_window(
-                result.tokens, tok.timestamp_begin, time_offset, window_frames, input_stride, precision)
-            seek += advance
-            current = [dict(id=len(segments) + i, seek=previous_seek, start=round(start, 3), end=round(end, 3),
-                            text=tok.decode(toks), tokens=toks, temperature=result.temperature,
-                            avg_logprob=result.avg_logprob, compression_ratio=result.compression_ratio,
-                            no_speech_prob=result.no_speech_prob)
-                       for i, (start, end, toks) in enumerate(pieces)]
-            if word_timestamps:
-                add_word_timestamps(current, runtime, tok, cross, window_frames, last_speech_timestamp,
-                                    prepend_punctuations, append_punctuations)
-                word_ends = [w["end"] for s in current for w in s["words"]]
-                if word_ends:
-                    last_speech_timestamp = word_ends[-1]
-                    # The last word is a better place to resume than a cut-off segment.
-                    if not single_ending and word_ends[-1] > time_offset:
-                        seek = round(word_ends[-1] / frame_seconds)
-            for segment in current:
-                if segment["start"] == segment["end"] or not segment["text"].strip():
-                    # Instantaneous or empty: keep its slot, drop its words.
-                    segment.update(text="", tokens=[], **({"words": []} if word_timestamps else {}))
-                all_tokens.extend(segment["tokens"])
-            segments.extend(current)
-            if not condition_on_previous_text or result.temperature > 0.5:
-                prompt_reset_since = len(all_tokens)
-        if progress is not None:
-            progress(min(content_frames, seek) - previous_seek, content_frames)
-    out = dict(text=tok.decode(all_tokens[len(prompt_tokens):]), segments=segments, language=tok.language)
-    if language_probs is not None:
-        out["language_probs"] = language_probs
-    return out
+
+    pending = enumerate(audios)
+    active: list[tuple[int, _Stream]] = []
+    while True:
+        arrivals = []
+        while len(active) + len(arrivals) < batch_size and (nxt := next(pending, None)) is not None:
+            arrivals.append((nxt[0], _Stream(model, nxt[1], base_tok, initial_prompt, floor)))
+        _detect_languages(model, [s for _, s in arrivals], base_tok, task)
+        active += arrivals
+        for index, stream in [x for x in active if x[1].finished]:
+            active.remove((index, stream))
+            yield index, stream.result()
+        if not active:
+            return
+        if len(active) < batch_size and arrivals:
+            continue  # an empty audio finished at once: fill its place first
+
+        heard = []
+        for index, stream in active:
+            frames, mel = stream.window(a.n_frames, a.hop_length)
+            if mel is None:
+                before = stream.seek
+                stream.accept(model, None, None, frames, cfg)
+                if progress is not None:
+                    progress(index, stream.seek - before, stream.content_frames)
+            else:
+                heard.append((index, stream, frames, mel))
+        if not heard:
+            continue
+        _, ck, cv = runtime.encode(np.stack([m for *_, m in heard]))[:3]
+        groups: dict[tuple, list[int]] = {}
+        for row, (_, stream, _, _) in enumerate(heard):
+            key = (stream.tok.language, prompt_length(stream.tok, stream.prompt))
+            groups.setdefault(key, []).append(row)
+        for rows in groups.values():
+            cross = (ck, cv) if len(rows) == len(heard) else (runtime.select(ck, rows), runtime.select(cv, rows))
+            streams = [heard[r][1] for r in rows]
+            results = _decode_with_fallback(runtime, streams[0].tok, cross, [s.prompt for s in streams],
+                                            temperatures, search, fixed, cfg)
+            for k, (r, result) in enumerate(zip(rows, results)):
+                index, stream, frames, _ = heard[r]
+                window_cross = None
+                if word_timestamps:
+                    window_cross = cross if len(rows) == 1 else (runtime.select(cross[0], [k]),
+                                                                 runtime.select(cross[1], [k]))
+                before = stream.seek
+                stream.accept(model, result, window_cross, frames, cfg)
+                if progress is not None:
+                    progress(index, min(stream.content_frames, stream.seek) - before, stream.content_frames)
+
+
+def _detect_languages(model, streams: list[_Stream], tok, task: str) -> None:
+    """Streams of a multilingual model without a given language learn theirs from their
+    first window, all in one encoder and one decoder call."""
+    if not (tok.multilingual and tok.language is None) or not streams:
+        return
+    a = model.spec.audio
+    mels = [pad_or_trim(s.mel[:, : min(a.n_frames, s.content_frames)], a.n_frames) for s in streams]
+    _, ck, cv = model.runtime.encode(np.stack(mels))[:3]
+    codes, probs = detect_language(model.runtime, tok, (ck, cv))
+    for stream, code, p in zip(streams, codes, probs):
+        stream.tok, stream.language_probs = tok.with_language(code, task), p
 
 
 def _options_at(t: float, search: dict, **fixed) -> DecodingOptions:
@@ -156,18 +246,27 @@ def _options_at(t: float, search: dict, **fixed) -> DecodingOptions:
                            length_penalty=search["length_penalty"], **fixed)
 
 
-def _decode_with_fallback(runtime, tok, cross, temperatures, search: dict, fixed: dict,
-                          compression_ratio_threshold, logprob_threshold, no_speech_threshold) -> DecodingResult:
-    """Retry at the next temperature while the text looks repetitive or unlikely,
-    unless the window is probably silence."""
-    result = None
+def _decode_with_fallback(runtime, tok, cross, prompts: list[list[int]], temperatures, search: dict,
+                          fixed: dict, cfg: dict) -> list[DecodingResult]:
+    """Decode the windows together; those whose text looks repetitive or unlikely (and
+    not like silence) are decoded again, together, at the next temperature."""
+    ck, cv = cross
+    results: list[DecodingResult | None] = [None] * len(prompts)
+    todo = list(range(len(prompts)))
+    cr, lp, ns = cfg["compression_ratio_threshold"], cfg["logprob_threshold"], cfg["no_speech_threshold"]
     for t in temperatures:
-        (result,) = decode(runtime, tok, cross, _options_at(t, search, **fixed))
-        too_repetitive = (compression_ratio_threshold is not None
-                          and result.compression_ratio > compression_ratio_threshold)
-        too_unlikely = logprob_threshold is not None and result.avg_logprob < logprob_threshold
-        silence = (no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold
-                   and too_unlikely)
-        if silence or not (too_repetitive or too_unlikely):
+        sub = cross if len(todo) == len(prompts) else (runtime.select(ck, todo), runtime.select(cv, todo))
+        outs = decode(runtime, tok, sub,
+                      _options_at(t, search, language=tok.language, **fixed), prompts=[prompts[i] for i in todo])
+        retry = []
+        for i, result in zip(todo, outs):
+            results[i] = result
+            too_repetitive = cr is not None and result.compression_ratio > cr
+            too_unlikely = lp is not None and result.avg_logprob < lp
+            silence = ns is not None and result.no_speech_prob > ns and too_unlikely
+            if not silence and (too_repetitive or too_unlikely):
+                retry.append(i)
+        if not retry:
             break
-    return result
+        todo = retry
+    return results

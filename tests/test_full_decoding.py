@@ -104,9 +104,10 @@ def _spy_decode(monkeypatch) -> list:
     seen = []
     real = transcribe_module.decode
 
-    def spy(runtime, tok, cross, opts):
+    def spy(runtime, tok, cross, opts, prompts=None):
         seen.append(opts)
-        return real(runtime, tok, cross, opts)
+        opts.window_prompts = prompts
+        return real(runtime, tok, cross, opts, prompts)
 
     monkeypatch.setattr(transcribe_module, "decode", spy)
     return seen
@@ -142,7 +143,7 @@ def test_fallback_on_repetitive_text(tiny_en, monkeypatch):
 def test_initial_prompt_goes_before_the_first_window(tiny_en, monkeypatch):
     seen = _spy_decode(monkeypatch)
     tiny_en.transcribe(str(SPEECH_DIR / "02.wav"), initial_prompt="Stella's shopping list.", temperature=0.0)
-    assert seen[0].prompt[: 4] == tiny_en.tokenizer.encode(" Stella's shopping list.")[:4]
+    assert seen[0].window_prompts == [tiny_en.tokenizer.encode(" Stella's shopping list.")]
 
 
 def test_subtitles_parse_with_real_parsers(tiny_en, tmp_path, monkeypatch):
@@ -181,19 +182,47 @@ def test_subtitles_parse_with_real_parsers(tiny_en, tmp_path, monkeypatch):
 def test_cli_passes_decoding_flags(tiny_en, tmp_path, monkeypatch, capsys):
     import maxwhisper.model
 
+    import maxwhisper.transcribe
+
     calls = []
+
+    def fake_batch(model, audios, **kw):
+        calls.append(kw)
+        for i, _ in enumerate(audios):
+            yield i, dict(text="", segments=[], language="en")
+
     monkeypatch.setattr(maxwhisper.model, "load_model", lambda *a, **k: tiny_en)
-    monkeypatch.setattr(type(tiny_en), "transcribe", lambda self, audio, **kw: calls.append(kw) or dict(
-        text="", segments=[], language="en"))
+    monkeypatch.setattr(maxwhisper.transcribe, "transcribe_batch", fake_batch)
     wav = str(SPEECH_DIR / "01.wav")
     assert main(["transcribe", wav, "-o", str(tmp_path), "--beam-size", "3", "--best-of", "2", "--patience", "2",
                  "--length-penalty", "0.5", "--initial-prompt", "Hi.", "--word-timestamps",
-                 "--temperature", "0", "0.5", "--no-condition-on-previous-text"]) == 0
+                 "--temperature", "0", "0.5", "--no-condition-on-previous-text", "--batch-size", "3"]) == 0
     kw = calls[0]
     assert (kw["beam_size"], kw["best_of"], kw["patience"], kw["length_penalty"]) == (3, 2, 2.0, 0.5)
     assert kw["initial_prompt"] == "Hi." and kw["word_timestamps"] and kw["temperature"] == [0.0, 0.5]
-    assert kw["condition_on_previous_text"] is False
+    assert kw["condition_on_previous_text"] is False and kw["batch_size"] == 3
     assert main(["transcribe", wav, "-o", str(tmp_path), "--beam-size", "1", "--best-of", "1"]) == 0
     assert (calls[1]["beam_size"], calls[1]["best_of"]) == (None, None)
     assert main(["transcribe", wav, "--word-timestamps", "--task", "translate"]) == 2
     assert "does not work with --task translate" in capsys.readouterr().err
+
+
+def test_batched_files_equal_one_by_one(tiny_en, monkeypatch):
+    """Files of different lengths decoded side by side, with beams and word timestamps,
+    give each file's own transcript; the short ones leave the batch early."""
+    audios = [joined(["01"])[0], joined(["02", "03", "04"])[0], load_audio(str(SPEECH_DIR / "05.wav")),
+              joined(["06", "01", "02", "03", "04", "05"])[0]]
+    options = dict(beam_size=5, word_timestamps=True)
+    alone = [tiny_en.transcribe(a, **options) for a in audios]
+    encoded = []
+    real_encode = tiny_en.runtime.encode
+    monkeypatch.setattr(tiny_en.runtime, "encode", lambda mel: encoded.append(len(mel)) or real_encode(mel))
+    together = tiny_en.transcribe_many(audios, batch_size=3, **options)
+    assert max(encoded) == 3, "windows of three files were encoded in one call"
+    for one, many in zip(alone, together):
+        assert [s["tokens"] for s in one["segments"]] == [s["tokens"] for s in many["segments"]]
+        words_one = [w for s in one["segments"] for w in s["words"]]
+        words_many = [w for s in many["segments"] for w in s["words"]]
+        assert [w["word"] for w in words_one] == [w["word"] for w in words_many]
+        assert [t for w in words_one for t in (w["start"], w["end"])] == pytest.approx(
+            [t for w in words_many for t in (w["start"], w["end"])], abs=0.011)
