@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="audio files decoded together, one window each per step (default 8)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
     tr.set_defaults(func=_transcribe)
+    from . import bench
+
+    be = sub.add_parser("bench", help="time maxwhisper against its peers on the same inputs",
+                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(be)
+    be.set_defaults(func=bench.main)
     return parser
 
 

@@ -1,0 +1,395 @@
+"""Side-by-side benchmark: maxwhisper and its peers in one run, same machine, same inputs.
+
+    maxwhisper bench --model tiny.en --device cpu --workload forced --batch 1 --tokens 128
+    maxwhisper bench --model tiny.en --workload speech --seconds 30 --out bench.json --chart bench.png
+
+Workloads:
+- forced: N windows of a 30 s speech log-mel, exactly --tokens greedy tokens each, the
+  end-of-text token never taken: every system does the same work whatever its weights
+  say. Timed from log-mel to tokens (encoder + prompt + steps).
+- speech: transcribe --seconds of real speech (the committed clips joined), greedy,
+  temperature 0, timestamps on; each system's own long-form loop.
+- startup: a new Python process that imports, loads the model (MAX: from its compile
+  cache) and transcribes --seconds of speech; wall time, as a user waits for it.
+
+Peers (test/benchmark dependencies; a peer that cannot run is listed with the reason):
+openai-whisper (PyTorch), Hugging Face transformers (eager, SDPA), faster-whisper
+(CTranslate2; float32 and int8). All run the same weights: the CTranslate2 package our
+model is converted from, loaded into each peer. Warm-up, then the median of --repeats;
+load and compile are reported apart. Ratios compare with the peers of this same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Row:
+    system: str
+    median_s: float | None = None
+    times: list[float] = field(default_factory=list)
+    load_s: float | None = None
+    tokens: int | None = None
+    text: str | None = None
+    skipped: str | None = None
+
+
+def speech_audio(seconds: float) -> np.ndarray:
+    """The committed speech clips joined with 1 s gaps, cut to `seconds`."""
+    from .audio import load_audio
+
+    clips = sorted((ROOT / "tests" / "data" / "speech").glob("*.wav"))
+    if not clips:
+        raise FileNotFoundError(f"{ROOT / 'tests/data/speech'}: no speech clips (run from a source checkout)")
+    parts: list[np.ndarray] = []
+    while sum(len(p) for p in parts) < seconds * 16000:
+        for c in clips:
+            parts += [load_audio(c), np.zeros(16000, np.float32)]
+    return np.concatenate(parts)[: int(seconds * 16000)]
+
+
+def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
+    out = fn()  # warm-up: first-call allocations and lazy compiles stay out of the figure
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times, out
+
+
+def _weights(model: str) -> tuple[dict[str, np.ndarray], object, Path]:
+    """Our converted weights (float32), spec and the CTranslate2 package directory."""
+    from .registry import ensure_converted, package_files
+    from .weights import load_weights
+
+    path, _, spec = ensure_converted(model)
+    parts, _ = package_files(model)
+    return {k: v.astype(np.float32) for k, v in load_weights(path, spec).items()}, spec, parts
+
+
+# --- forced-token workload -------------------------------------------------------------
+
+def forced_maxwhisper(m, mel: np.ndarray, prompt: list[int], n: int, eot: int) -> np.ndarray:
+    rt = m.runtime
+    _, ck, cv = rt.encode(mel)[:3]
+    logits, state, _ = rt.decode(np.array([prompt] * len(mel)), rt.start(ck, cv))
+    out = []
+    for _ in range(n):
+        last = logits[:, -1].copy()
+        last[:, eot] = -np.inf
+        nxt = np.argmax(last, axis=-1)
+        out.append(nxt)
+        if len(out) < n:
+            logits, state, _ = rt.decode(nxt[:, None], state)
+    return np.stack(out, 1)
+
+
+def forced_openai(model, torch, mel, prompt, n, eot):
+    cache, hooks = model.install_kv_cache_hooks()
+    try:
+        with torch.no_grad():
+            features = model.embed_audio(mel)
+            tokens = torch.tensor([prompt] * len(mel))
+            out = []
+            logits = model.decoder(tokens, features, kv_cache=cache)
+            for _ in range(n):
+                last = logits[:, -1].clone()
+                last[:, eot] = -float("inf")
+                nxt = last.argmax(-1, keepdim=True)
+                out.append(nxt)
+                if len(out) < n:
+                    logits = model.decoder(nxt, features, kv_cache=cache)
+            return torch.cat(out, 1).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def forced_hf(model, torch, mel, prompt, n, eot):
+    with torch.no_grad():
+        enc = model.model.encoder(mel)
+        out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel)), use_cache=True)
+        tokens = []
+        for _ in range(n):
+            last = out.logits[:, -1].clone()
+            last[:, eot] = -float("inf")
+            nxt = last.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            if len(tokens) < n:
+                out = model(encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=out.past_key_values,
+                            use_cache=True)
+        return torch.cat(tokens, 1).numpy()
+
+
+def forced_ct2(model, ct2, mel, prompt, n, eot):
+    # CTranslate2 4.x generates max_length / 2 tokens for Whisper (measured); the token
+    # count is checked after the run.
+    res = model.generate(ct2.StorageView.from_array(mel), [prompt] * len(mel), beam_size=1, max_length=2 * n,
+                         suppress_tokens=[eot], suppress_blank=False)
+    return np.array([r.sequences_ids[0] for r in res])
+
+
+# --- peers -------------------------------------------------------------------------------
+
+def _openai_model(weights, spec):
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    model = Whisper(ModelDimensions(**spec.dims)).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    return model, torch
+
+
+def _hf_model(weights, spec):
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from converters.huggingface import _CONFIG, rename
+
+    d = spec.dims
+    config = WhisperConfig(**{hf: d[ours] for hf, ours in _CONFIG.items()}, encoder_ffn_dim=4 * d["n_audio_state"],
+                           decoder_ffn_dim=4 * d["n_text_state"], attn_implementation="sdpa")
+    model = WhisperForConditionalGeneration(config).eval()
+    state = {}
+    for name in model.state_dict():
+        ours = rename(name)
+        state[name] = torch.from_numpy(weights[ours if ours else "decoder.token_embedding.weight"])
+    model.load_state_dict(state)
+    return model, torch
+
+
+def _ct2_model(parts, compute_type, threads):
+    import ctranslate2
+
+    directory = _joined_ct2_dir(parts)
+    return ctranslate2.models.Whisper(str(directory), device="cpu", compute_type=compute_type,
+                                      intra_threads=threads), ctranslate2
+
+
+def _joined_ct2_dir(parts) -> Path:
+    if len(parts) == 1:
+        return parts[0].parent
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="maxwhisper-bench-"))
+    (d / "model.bin").write_bytes(b"".join(p.read_bytes() for p in parts))
+    for f in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
+        if (parts[0].parent / f).is_file():
+            (d / f).write_bytes((parts[0].parent / f).read_bytes())
+    return d
+
+
+def _attempt(system: str, fn) -> Row:
+    try:
+        return fn()
+    except ImportError as e:
+        return Row(system, skipped=f"not installed ({e.name}); pip install -e '.[test]'")
+    except Exception as e:  # a peer that fails must not sink the others' figures
+        return Row(system, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+
+
+def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
+        tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
+        peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper")) -> dict:
+    from . import load_model
+    from .audio import log_mel_spectrogram
+
+    threads = threads or os.cpu_count()
+    t = time.perf_counter()
+    ours = load_model(model, device=device)
+    load = time.perf_counter() - t
+    weights, spec, parts = _weights(model)
+    tok = ours.tokenizer
+    # Text tokens only: no timestamp rules, which the systems implement differently.
+    prompt = (tok.sot_sequence if not tok.multilingual else tok.with_language("en").sot_sequence) + [tok.no_timestamps]
+    eot = tok.eot
+    rows: list[Row] = []
+    if workload == "forced":
+        audio = speech_audio(30.0)
+        mel = np.repeat(log_mel_spectrogram(audio, spec.audio)[None, :, : spec.audio.n_frames], batch, 0)
+        mel = np.ascontiguousarray(mel, np.float32)
+        duration = 30.0 * batch
+        median, times, out = _timed(lambda: forced_maxwhisper(ours, mel, prompt, tokens, eot), repeats)
+        rows.append(Row(f"maxwhisper ({ours.device}, fp32)", median, times, load, int(out.size)))
+
+        def peer(system, make, forced, *make_args):
+            def go():
+                t = time.perf_counter()
+                m, lib = make(*make_args)
+                loaded = time.perf_counter() - t
+                arg = mel if forced is forced_ct2 else lib.from_numpy(mel)
+                med, ts, o = _timed(lambda: forced(m, lib, arg, prompt, tokens, eot), repeats)
+                if np.asarray(o).shape != (batch, tokens):
+                    return Row(system, skipped=f"generated {np.asarray(o).shape} tokens, not {(batch, tokens)}")
+                return Row(system, med, ts, loaded, int(np.asarray(o).size))
+            rows.append(_attempt(system, go))
+
+        if "openai-whisper" in peers:
+            peer("openai-whisper (PyTorch, cpu, fp32)", _openai_model, forced_openai, weights, spec)
+        if "transformers" in peers:
+            peer("transformers (eager, SDPA, cpu, fp32)", _hf_model, forced_hf, weights, spec)
+        if "faster-whisper" in peers:
+            for ct in ("float32", "int8"):
+                peer(f"CTranslate2 ({ct}, {threads} threads)", _ct2_model, forced_ct2, parts, ct, threads)
+    elif workload == "speech":
+        audio = speech_audio(seconds)
+        duration = len(audio) / 16000
+        median, times, out = _timed(lambda: ours.transcribe(audio, temperature=0.0), repeats)
+        rows.append(Row(f"maxwhisper ({ours.device}, fp32)", median, times, load, text=out["text"].strip()))
+        if "openai-whisper" in peers:
+            def openai_speech():
+                import whisper
+
+                t = time.perf_counter()
+                m, _ = _openai_model(weights, spec)
+                loaded = time.perf_counter() - t
+                med, ts, o = _timed(lambda: whisper.transcribe(m, audio, temperature=0.0, fp16=False,
+                                                               language="en", verbose=None), repeats)
+                return Row("openai-whisper (PyTorch, cpu, fp32)", med, ts, loaded, text=o["text"].strip())
+            rows.append(_attempt("openai-whisper (PyTorch, cpu, fp32)", openai_speech))
+        if "transformers" in peers:
+            rows.append(Row("transformers", skipped="long-form generate() needs the checkpoint's Hub "
+                                                    "generation_config, which is not reachable here"))
+        if "faster-whisper" in peers:
+            for ct in ("float32", "int8"):
+                def fw_speech(ct=ct):
+                    from faster_whisper import WhisperModel
+
+                    t = time.perf_counter()
+                    m = WhisperModel(str(_joined_ct2_dir(parts)), device="cpu", compute_type=ct, cpu_threads=threads)
+                    loaded = time.perf_counter() - t
+
+                    def go():
+                        segments, _ = m.transcribe(audio, beam_size=1, temperature=0.0, vad_filter=False,
+                                                   language="en")
+                        return "".join(s.text for s in segments).strip()
+                    med, ts, text = _timed(go, repeats)
+                    return Row(f"faster-whisper ({ct}, {threads} threads)", med, ts, loaded, text=text)
+                rows.append(_attempt(f"faster-whisper ({ct})", fw_speech))
+    elif workload == "startup":
+        duration = seconds
+        for system, code in _startup_scripts(model, device, seconds, parts, threads, peers):
+            rows.append(_attempt(system, lambda system=system, code=code: _startup_row(system, code, repeats)))
+    else:
+        raise ValueError(f"workload must be 'forced', 'speech' or 'startup', found {workload!r}")
+    return dict(model=model, device=ours.device, workload=workload, batch=batch if workload == "forced" else 1,
+                tokens=tokens if workload == "forced" else None, audio_s=duration, repeats=repeats, threads=threads,
+                machine=f"{platform.machine()}, {os.cpu_count()} cores", date=str(date.today()),
+                versions={p: _version(p) for p in ("max", "torch", "openai-whisper", "transformers",
+                                                   "faster-whisper", "ctranslate2")},
+                rows=[asdict(r) for r in rows])
+
+
+def _startup_scripts(model, device, seconds, parts, threads, peers):
+    """Python programs that load a model and transcribe `seconds` of speech, each run in
+    a new process: what a user waits for (imports, load, compile cache, transcript)."""
+    clip = f"from maxwhisper.bench import speech_audio; audio = speech_audio({seconds})"
+    yield (f"maxwhisper ({device})", f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, "
+           f"device={device!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
+    if "faster-whisper" in peers:
+        yield (f"faster-whisper (int8, {threads} threads)",
+               f"{clip}\nfrom faster_whisper import WhisperModel\n"
+               f"m = WhisperModel({str(_joined_ct2_dir(parts))!r}, device='cpu', compute_type='int8', "
+               f"cpu_threads={threads})\nsegments, _ = m.transcribe(audio, beam_size=1, temperature=0.0, "
+               f"vad_filter=False, language='en')\nprint(''.join(s.text for s in segments))")
+
+
+def _startup_row(system: str, code: str, repeats: int) -> Row:
+    import subprocess
+    import sys
+
+    times, text = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        times.append(time.perf_counter() - t)
+        if done.returncode:
+            return Row(system, skipped=f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1][:160]}")
+        text = done.stdout.strip()
+    return Row(system, statistics.median(times), times, text=text)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def table(report: dict) -> str:
+    rows = report["rows"]
+    ours = rows[0]["median_s"]
+    head = (f"{report['model']}, {report['workload']}"
+            + (f", batch {report['batch']} x {report['tokens']} tokens" if report["workload"] == "forced" else "")
+            + f", {report['audio_s']:.0f} s of audio; {report['machine']}; {report['date']}; median of "
+            f"{report['repeats']} after a warm-up; "
+            + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
+    lines = [head, "", "| system | load + compile (s) | time (ms) | x real time | peer time / maxwhisper time |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"| {r['system']} | - | - | - | could not run: {r['skipped']} |")
+            continue
+        load = "in the time" if r["load_s"] is None else f"{r['load_s']:.1f}"
+        lines.append(f"| {r['system']} | {load} | {1000 * r['median_s']:.1f} | "
+                     f"{report['audio_s'] / r['median_s']:.1f} | {r['median_s'] / ours:.2f} |")
+    texts = {r["text"] for r in rows if r.get("text") is not None}
+    if texts:
+        lines += ["", "transcripts: " + ("identical across systems" if len(texts) == 1 else
+                                         f"{len(texts)} distinct (see the JSON)")]
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if not r["skipped"]]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    ax.barh([r["system"] for r in rows][::-1], [1000 * r["median_s"] for r in rows][::-1], color="#4477aa")
+    ax.set_xlabel("milliseconds (lower is faster)")
+    ax.set_title(f"{report['model']} {report['workload']} on {report['device']}, {report['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
+                 args.threads, tuple(args.peers))
+    print(table(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.chart:
+        chart(report, args.chart)
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
+    p.add_argument("--workload", default="forced", choices=["forced", "speech", "startup"])
+    p.add_argument("--batch", type=int, default=1, help="windows decoded together (forced workload)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per window (forced workload)")
+    p.add_argument("--seconds", type=float, default=30.0, help="speech length (speech workload)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="CTranslate2 threads (default: all cores)")
+    p.add_argument("--peers", nargs="*", default=["openai-whisper", "transformers", "faster-whisper"])
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--chart", default=None, help="write a PNG bar chart here (needs matplotlib)")

@@ -1,0 +1,47 @@
+"""The benchmark harness measures equal work: every system, forced to the same token
+count, produces the same tokens from the same weights; the report renders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from maxwhisper import bench
+from maxwhisper.audio import log_mel_spectrogram
+
+pytest.importorskip("whisper", reason="the benchmark's peers need openai-whisper: pip install -e '.[test]'")
+
+
+def test_forced_workload_is_the_same_work_for_every_system(tiny_en):
+    weights, spec, parts = bench._weights("tiny.en")
+    tok = tiny_en.tokenizer
+    prompt = tok.sot_sequence + [tok.no_timestamps]
+    mel = log_mel_spectrogram(bench.speech_audio(30.0), spec.audio)[None, :, : spec.audio.n_frames]
+    mel = np.ascontiguousarray(np.repeat(mel, 2, 0), np.float32)
+    ours = bench.forced_maxwhisper(tiny_en, mel, prompt, 12, tok.eot)
+    assert ours.shape == (2, 12) and tok.eot not in ours
+    model, torch = bench._openai_model(weights, spec)
+    np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
+    model, torch = bench._hf_model(weights, spec)
+    np.testing.assert_array_equal(bench.forced_hf(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
+    model, ct2 = bench._ct2_model(parts, "float32", 2)
+    np.testing.assert_array_equal(bench.forced_ct2(model, ct2, mel, prompt, 12, tok.eot), ours)
+
+
+def test_report_table_json_and_chart(tiny_en, tmp_path, monkeypatch):
+    import maxwhisper
+
+    monkeypatch.setattr(maxwhisper, "load_model", lambda *a, **k: tiny_en)
+    report = bench.run("tiny.en", workload="forced", batch=1, tokens=4, repeats=1,
+                       peers=("openai-whisper", "faster-whisper"))
+    systems = [r["system"] for r in report["rows"]]
+    assert systems[0].startswith("maxwhisper") and len(systems) == 4
+    assert all(r["skipped"] is None and r["tokens"] == 4 and r["median_s"] > 0 for r in report["rows"]), report
+    text = bench.table(report)
+    assert all(s in text for s in systems) and "peer time / maxwhisper time" in text
+    json.loads(json.dumps(report))
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib: pip install -e '.[test]'")
+    bench.chart(report, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
