@@ -16,7 +16,7 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef
 
-from .builder import decoder_graph, encoder_graph, select_graph
+from .builder import bound_transposed, decoder_graph, encoder_graph, select_graph
 from .spec import ModelSpec
 
 _NUMPY = {DType.float32: np.float32, DType.float16: np.float16}
@@ -53,7 +53,8 @@ class CompiledWhisper:
         ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
         self._ref = ref
         np_dtype = _NUMPY[dtype]
-        self._registry = {k: np.ascontiguousarray(v, dtype=np_dtype) for k, v in weights.items()}
+        self._registry = {k: np.ascontiguousarray(v.T if bound_transposed(k, v.shape) else v, dtype=np_dtype)
+                          for k, v in weights.items()}
         self._session = InferenceSession(devices=[self.device])
         enc, self.encoder_outputs = encoder_graph(spec, dtype, ref, taps)
         dec, self.decoder_outputs = decoder_graph(spec, dtype, ref, taps)
