@@ -7,8 +7,8 @@ Workloads:
 - forced: N windows of a 30 s speech log-mel, exactly --tokens greedy tokens each, the
   end-of-text token never taken: every system does the same work whatever its weights
   say. Timed from log-mel to tokens (encoder + prompt + steps).
-- speech: transcribe --seconds of real speech (the committed clips joined), greedy,
-  temperature 0, timestamps on; each system's own long-form loop.
+- speech: transcribe --seconds of real speech (the committed clips joined), greedy or
+  --beam-size N, temperature 0, timestamps on; each system's own long-form loop.
 - startup: a new Python process that imports, loads the model (MAX: from its compile
   cache) and transcribes --seconds of speech; wall time, as a user waits for it.
 
@@ -204,7 +204,7 @@ def _attempt(system: str, fn) -> Row:
 
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
-        peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper")) -> dict:
+        peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1) -> dict:
     from . import load_model
     from .audio import log_mel_spectrogram
 
@@ -248,7 +248,8 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
     elif workload == "speech":
         audio = speech_audio(seconds)
         duration = len(audio) / 16000
-        median, times, out = _timed(lambda: ours.transcribe(audio, temperature=0.0), repeats)
+        beam = beam_size if beam_size > 1 else None
+        median, times, out = _timed(lambda: ours.transcribe(audio, temperature=0.0, beam_size=beam), repeats)
         rows.append(Row(f"maxwhisper ({ours.device}, fp32)", median, times, load, text=out["text"].strip()))
         if "openai-whisper" in peers:
             def openai_speech():
@@ -257,7 +258,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 t = time.perf_counter()
                 m, _ = _openai_model(weights, spec)
                 loaded = time.perf_counter() - t
-                med, ts, o = _timed(lambda: whisper.transcribe(m, audio, temperature=0.0, fp16=False,
+                med, ts, o = _timed(lambda: whisper.transcribe(m, audio, temperature=0.0, fp16=False, beam_size=beam,
                                                                language="en", verbose=None), repeats)
                 return Row("openai-whisper (PyTorch, cpu, fp32)", med, ts, loaded, text=o["text"].strip())
             rows.append(_attempt("openai-whisper (PyTorch, cpu, fp32)", openai_speech))
@@ -274,8 +275,8 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                     loaded = time.perf_counter() - t
 
                     def go():
-                        segments, _ = m.transcribe(audio, beam_size=1, temperature=0.0, vad_filter=False,
-                                                   language="en")
+                        segments, _ = m.transcribe(audio, beam_size=beam_size, temperature=0.0,
+                                                   vad_filter=False, language="en")
                         return "".join(s.text for s in segments).strip()
                     med, ts, text = _timed(go, repeats)
                     return Row(f"faster-whisper ({ct}, {threads} threads)", med, ts, loaded, text=text)
@@ -287,6 +288,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
     else:
         raise ValueError(f"workload must be 'forced', 'speech' or 'startup', found {workload!r}")
     return dict(model=model, device=ours.device, workload=workload, batch=batch if workload == "forced" else 1,
+                beam_size=beam_size if workload == "speech" else None,
                 tokens=tokens if workload == "forced" else None, audio_s=duration, repeats=repeats, threads=threads,
                 machine=f"{platform.machine()}, {os.cpu_count()} cores", date=str(date.today()),
                 versions={p: _version(p) for p in ("max", "torch", "openai-whisper", "transformers",
@@ -335,6 +337,7 @@ def table(report: dict) -> str:
     ours = rows[0]["median_s"]
     head = (f"{report['model']}, {report['workload']}"
             + (f", batch {report['batch']} x {report['tokens']} tokens" if report["workload"] == "forced" else "")
+            + (f", beam {report['beam_size']}" if report.get("beam_size") else "")
             + f", {report['audio_s']:.0f} s of audio; {report['machine']}; {report['date']}; median of "
             f"{report['repeats']} after a warm-up; "
             + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
@@ -372,7 +375,7 @@ def chart(report: dict, path: str | Path) -> None:
 
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
-                 args.threads, tuple(args.peers))
+                 args.threads, tuple(args.peers), args.beam_size)
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -388,6 +391,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="windows decoded together (forced workload)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per window (forced workload)")
     p.add_argument("--seconds", type=float, default=30.0, help="speech length (speech workload)")
+    p.add_argument("--beam-size", type=int, default=1, help="beams (speech workload; 1: greedy)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CTranslate2 threads (default: all cores)")
     p.add_argument("--peers", nargs="*", default=["openai-whisper", "transformers", "faster-whisper"])
