@@ -215,7 +215,7 @@ def _beam_step(rows: _Rows, logprobs, opts, eot, done_out, max_candidates):
     window the beam_size best unfinished ones go on, finished ones are kept as candidates
     until the window has `max_candidates`. Returns (next tokens, source rows)."""
     beam = opts.beam_size
-    keep, nxt, new_tokens, new_sum = [], [], [], []
+    keep, new_tokens, new_sum = [], [], []
     for w in dict.fromkeys(rows.window.tolist()):
         scores: dict[tuple, tuple[float, int]] = {}
         for r in np.flatnonzero(rows.window == w):
@@ -223,27 +223,24 @@ def _beam_step(rows: _Rows, logprobs, opts, eot, done_out, max_candidates):
             for t in top[np.argsort(-logprobs[r, top], kind="stable")]:
                 if np.isfinite(logprobs[r, t]):
                     scores[tuple(rows.tokens[r]) + (int(t),)] = (rows.sum_logprob[r] + logprobs[r, t], r)
-        finished, saved = [], 0
+        finished, survivors = [], []
         for seq in sorted(scores, key=lambda q: scores[q][0], reverse=True):
             score, source = scores[seq]
             if seq[-1] == eot:
                 finished.append((list(seq), score))
             else:
-                keep.append(source)
-                nxt.append(seq[-1])
-                new_tokens.append(list(seq))
-                new_sum.append(score)
-                saved += 1
-                if saved == beam:
+                survivors.append((source, list(seq), score))
+                if len(survivors) == beam:
                     break
-        room = max_candidates - len(done_out[w])
-        done_out[w].extend(finished[:max(room, 0)])
-        if len(done_out[w]) >= max_candidates:  # the window is done: its beams leave
-            del keep[len(keep) - saved:], nxt[len(nxt) - saved:]
-            del new_tokens[len(new_tokens) - saved:], new_sum[len(new_sum) - saved:]
-    rows.tokens, rows.sum_logprob = new_tokens, np.array(new_sum)
-    rows.window = rows.window[np.array(keep, np.int64)] if keep else rows.window[:0]
-    return np.array(nxt, np.int64), np.array(keep, np.int64)
+        done_out[w].extend(finished[: max(max_candidates - len(done_out[w]), 0)])
+        if len(done_out[w]) < max_candidates:  # a window with all its candidates is done: its beams leave
+            for source, seq, score in survivors:
+                keep.append(source)
+                new_tokens.append(seq)
+                new_sum.append(score)
+    keep = np.array(keep, np.int64)
+    rows.window, rows.tokens, rows.sum_logprob = rows.window[keep], new_tokens, np.array(new_sum)
+    return np.array([seq[-1] for seq in new_tokens], np.int64), keep
 
 
 def _finish(rows: _Rows, done: list[list], group: int, eot: int) -> None:
@@ -262,6 +259,7 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     give prefixes of one length, since the rows step together."""
     cross_k, cross_v = cross
     n_win, group = cross_k.shape[1], opts.group
+    tok = tok.with_language(opts.language or tok.language, opts.task)
     prefixes = [initial_tokens(tok, opts, p) for p in (prompts if prompts is not None else [None] * n_win)]
     if len(prefixes) != n_win or len({len(p) for p in prefixes}) != 1:
         raise ValueError(f"{n_win} windows need {n_win} prompts of one length, found lengths "
@@ -283,7 +281,7 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     rows = _Rows(window, [list(prefixes[w]) for w in window], np.zeros(len(window)))
     logits, source = logits[window, -1], window
     done: list[list[tuple[list[int], float]]] = [[] for _ in range(n_win)]
-    windows_of_cache = np.arange(n_win)  # the window of each row of the cache and cross
+    cross_windows = np.arange(n_win)  # the window of each row of the cross K/V buffers
     for step in range(sample_len):
         filtered = rules(logits, rows.tokens)
         logprobs = log_softmax(filtered)
@@ -294,11 +292,11 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
         if not len(keep) or step == sample_len - 1:
             break
         order = source[keep] if step == 0 else keep  # step 0 continues the prompt's cache rows
-        if not np.array_equal(windows_of_cache[order], windows_of_cache):
+        if not np.array_equal(rows.window, cross_windows):
             # Cross K/V rows follow the rows' windows; beams reordering within a window keep them.
-            state = DecoderState(state.self_k, state.self_v, model.select(state.cross_k, order),
-                                 model.select(state.cross_v, order), state.length)
-            windows_of_cache = windows_of_cache[order]
+            ck, cv = model.select_pair((state.cross_k, state.cross_v), order)
+            state = DecoderState(state.self_k, state.self_v, ck, cv, state.length)
+            cross_windows = rows.window
         logits, state, _ = model.decode(nxt[:, None], state, order=order)
         logits = logits[:, -1]
 

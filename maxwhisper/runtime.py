@@ -85,18 +85,18 @@ class CompiledWhisper:
             self._selector = self._session.load(select_graph(self.dtype, self._ref))
         return self._selector.execute(x, self._put(np.asarray(rows, np.int64)))[0]
 
-    def select_state(self, state: DecoderState, rows) -> DecoderState:
-        """The state of a sub-batch (or a repeated batch): every buffer's rows."""
-        return DecoderState(*(self.select(b, rows) for b in (state.self_k, state.self_v, state.cross_k,
-                                                                state.cross_v)), state.length)
+    def select_pair(self, pair: tuple[Buffer, Buffer], rows) -> tuple[Buffer, Buffer]:
+        """`select` applied to K and V alike; all rows in order come back untouched."""
+        rows = np.asarray(rows, np.int64)
+        if np.array_equal(rows, np.arange(pair[0].shape[1])):
+            return pair
+        return self.select(pair[0], rows), self.select(pair[1], rows)
 
     def decode(self, tokens: np.ndarray, state: DecoderState, order=None) -> tuple[np.ndarray, DecoderState, list[Buffer]]:
         """Feed tokens (B, T) after the cached ones; returns logits (B, T, V), the grown
         state, and the tap outputs (empty unless compiled with taps). Row b continues
         cache row `order[b]` (default: row b), so beams reorder inside the step."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        logits, state, extra = self._step(self._decoder, tokens, state, order)
-        return logits, state, extra
+        return self._step(self._decoder, tokens, state, order)
 
     def align(self, tokens: np.ndarray, state: DecoderState) -> tuple[np.ndarray, np.ndarray]:
         """One pass of the alignment decoder: logits (B, T, V) and the alignment heads'
@@ -104,14 +104,15 @@ class CompiledWhisper:
         if self._aligner is None:
             dec, _ = decoder_graph(self.spec, self.dtype, self._ref, alignment=True)
             self._aligner = self._session.load(dec, weights_registry=self._registry)
-        logits, _, extra = self._step(self._aligner, np.asarray(tokens, np.int64), state, None)
+        logits, _, extra = self._step(self._aligner, tokens, state, None)
         return logits, extra[-1].to_numpy()
 
     def _step(self, graph, tokens: np.ndarray, state: DecoderState, order):
+        tokens = np.asarray(tokens, dtype=np.int64)
         n_ctx, rows = self.spec.decoder.n_ctx, state.self_k.shape[1]
         if tokens.ndim != 2 or tokens.shape[0] != state.cross_k.shape[1]:
             raise ValueError(f"tokens must have shape (batch={state.cross_k.shape[1]}, T), found {tokens.shape}")
-        order = np.arange(tokens.shape[0]) if order is None else np.asarray(order, np.int64)
+        order = np.arange(tokens.shape[0], dtype=np.int64) if order is None else np.asarray(order, np.int64)
         if order.shape != (tokens.shape[0],) or (order.size and (order.min() < 0 or order.max() >= rows)):
             raise ValueError(f"order must be {tokens.shape[0]} row indices into a cache of {rows} rows, "
                              f"found {order.tolist()}")
@@ -121,7 +122,7 @@ class CompiledWhisper:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.spec.vocab.n_vocab):
             raise ValueError(f"token ids must lie in [0, {self.spec.vocab.n_vocab}), found "
                              f"{tokens.min()}..{tokens.max()}")
-        logits, k, v, *taps = graph.execute(self._put(tokens), self._put(order.astype(np.int64)),
+        logits, k, v, *taps = graph.execute(self._put(tokens), self._put(order),
                                             state.self_k, state.self_v, state.cross_k, state.cross_v)
         state = DecoderState(k, v, state.cross_k, state.cross_v, state.length + tokens.shape[1])
         return logits.to_numpy(), state, taps

@@ -174,30 +174,33 @@ def transcribe_batch(model, audios: Iterable[np.ndarray], *, batch_size: int = 8
                prepend_punctuations=prepend_punctuations, append_punctuations=append_punctuations)
     floor = None if silence_threshold_db is None else 10.0 ** (silence_threshold_db / 20.0)
 
+    def advance(index: int, stream: _Stream, result, cross, frames: int) -> None:
+        before = stream.seek
+        stream.accept(model, result, cross, frames, cfg)
+        if progress is not None:
+            progress(index, min(stream.content_frames, stream.seek) - before, stream.content_frames)
+
     pending = enumerate(audios)
     active: list[tuple[int, _Stream]] = []
     while True:
-        arrivals = []
-        while len(active) + len(arrivals) < batch_size and (nxt := next(pending, None)) is not None:
-            arrivals.append((nxt[0], _Stream(model, nxt[1], base_tok, initial_prompt, floor)))
-        _detect_languages(model, [s for _, s in arrivals], base_tok, task)
-        active += arrivals
         for index, stream in [x for x in active if x[1].finished]:
             active.remove((index, stream))
             yield index, stream.result()
+        arrivals = []
+        while len(active) + len(arrivals) < batch_size and (nxt := next(pending, None)) is not None:
+            arrivals.append((nxt[0], _Stream(model, nxt[1], base_tok, initial_prompt, floor)))
+        if arrivals:
+            _detect_languages(model, [s for _, s in arrivals], base_tok, task)
+            active += arrivals
+            continue  # an audio shorter than one frame is finished on arrival
         if not active:
             return
-        if len(active) < batch_size and arrivals:
-            continue  # an empty audio finished at once: fill its place first
 
         heard = []
         for index, stream in active:
             frames, mel = stream.window(a.n_frames, a.hop_length)
             if mel is None:
-                before = stream.seek
-                stream.accept(model, None, None, frames, cfg)
-                if progress is not None:
-                    progress(index, stream.seek - before, stream.content_frames)
+                advance(index, stream, None, None, frames)
             else:
                 heard.append((index, stream, frames, mel))
         if not heard:
@@ -208,20 +211,13 @@ def transcribe_batch(model, audios: Iterable[np.ndarray], *, batch_size: int = 8
             key = (stream.tok.language, prompt_length(stream.tok, stream.prompt))
             groups.setdefault(key, []).append(row)
         for rows in groups.values():
-            cross = (ck, cv) if len(rows) == len(heard) else (runtime.select(ck, rows), runtime.select(cv, rows))
+            cross = runtime.select_pair((ck, cv), rows)
             streams = [heard[r][1] for r in rows]
             results = _decode_with_fallback(runtime, streams[0].tok, cross, [s.prompt for s in streams],
                                             temperatures, search, fixed, cfg)
             for k, (r, result) in enumerate(zip(rows, results)):
                 index, stream, frames, _ = heard[r]
-                window_cross = None
-                if word_timestamps:
-                    window_cross = cross if len(rows) == 1 else (runtime.select(cross[0], [k]),
-                                                                 runtime.select(cross[1], [k]))
-                before = stream.seek
-                stream.accept(model, result, window_cross, frames, cfg)
-                if progress is not None:
-                    progress(index, min(stream.content_frames, stream.seek) - before, stream.content_frames)
+                advance(index, stream, result, runtime.select_pair(cross, [k]) if word_timestamps else None, frames)
 
 
 def _detect_languages(model, streams: list[_Stream], tok, task: str) -> None:
@@ -250,13 +246,11 @@ def _decode_with_fallback(runtime, tok, cross, prompts: list[list[int]], tempera
                           fixed: dict, cfg: dict) -> list[DecodingResult]:
     """Decode the windows together; those whose text looks repetitive or unlikely (and
     not like silence) are decoded again, together, at the next temperature."""
-    ck, cv = cross
     results: list[DecodingResult | None] = [None] * len(prompts)
     todo = list(range(len(prompts)))
     cr, lp, ns = cfg["compression_ratio_threshold"], cfg["logprob_threshold"], cfg["no_speech_threshold"]
     for t in temperatures:
-        sub = cross if len(todo) == len(prompts) else (runtime.select(ck, todo), runtime.select(cv, todo))
-        outs = decode(runtime, tok, sub,
+        outs = decode(runtime, tok, runtime.select_pair(cross, todo),
                       _options_at(t, search, language=tok.language, **fixed), prompts=[prompts[i] for i in todo])
         retry = []
         for i, result in zip(todo, outs):
