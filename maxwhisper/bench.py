@@ -72,13 +72,12 @@ def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
 
 
 def _weights(model: str) -> tuple[dict[str, np.ndarray], object, Path]:
-    """Our converted weights (float32), spec and the CTranslate2 package directory."""
-    from .registry import ensure_converted, package_files
+    """Our converted weights (float32), spec and the CTranslate2 model directory."""
+    from .registry import ctranslate2_dir, ensure_converted
     from .weights import load_weights
 
     path, _, spec = ensure_converted(model)
-    parts, _ = package_files(model)
-    return {k: v.astype(np.float32) for k, v in load_weights(path, spec).items()}, spec, parts
+    return {k: v.astype(np.float32) for k, v in load_weights(path, spec).items()}, spec, ctranslate2_dir(model)
 
 
 # --- forced-token workload -------------------------------------------------------------
@@ -172,25 +171,11 @@ def _hf_model(weights, spec):
     return model, torch
 
 
-def _ct2_model(parts, compute_type, threads):
+def _ct2_model(directory: Path, compute_type, threads):
     import ctranslate2
 
-    directory = _joined_ct2_dir(parts)
     return ctranslate2.models.Whisper(str(directory), device="cpu", compute_type=compute_type,
                                       intra_threads=threads), ctranslate2
-
-
-def _joined_ct2_dir(parts) -> Path:
-    if len(parts) == 1:
-        return parts[0].parent
-    import tempfile
-
-    d = Path(tempfile.mkdtemp(prefix="maxwhisper-bench-"))
-    (d / "model.bin").write_bytes(b"".join(p.read_bytes() for p in parts))
-    for f in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
-        if (parts[0].parent / f).is_file():
-            (d / f).write_bytes((parts[0].parent / f).read_bytes())
-    return d
 
 
 def _attempt(system: str, fn) -> Row:
@@ -212,7 +197,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
     t = time.perf_counter()
     ours = load_model(model, device=device)
     load = time.perf_counter() - t
-    weights, spec, parts = _weights(model)
+    weights, spec, ct2_dir = _weights(model)
     tok = ours.tokenizer
     # Text tokens only: no timestamp rules, which the systems implement differently.
     prompt = (tok.sot_sequence if not tok.multilingual else tok.with_language("en").sot_sequence) + [tok.no_timestamps]
@@ -244,7 +229,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
             peer("transformers (eager, SDPA, cpu, fp32)", _hf_model, forced_hf, weights, spec)
         if "faster-whisper" in peers:
             for ct in ("float32", "int8"):
-                peer(f"CTranslate2 ({ct}, {threads} threads)", _ct2_model, forced_ct2, parts, ct, threads)
+                peer(f"CTranslate2 ({ct}, {threads} threads)", _ct2_model, forced_ct2, ct2_dir, ct, threads)
     elif workload == "speech":
         audio = speech_audio(seconds)
         duration = len(audio) / 16000
@@ -271,7 +256,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                     from faster_whisper import WhisperModel
 
                     t = time.perf_counter()
-                    m = WhisperModel(str(_joined_ct2_dir(parts)), device="cpu", compute_type=ct, cpu_threads=threads)
+                    m = WhisperModel(str(ct2_dir), device="cpu", compute_type=ct, cpu_threads=threads)
                     loaded = time.perf_counter() - t
 
                     def go():
@@ -283,7 +268,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows.append(_attempt(f"faster-whisper ({ct})", fw_speech))
     elif workload == "startup":
         duration = seconds
-        for system, code in _startup_scripts(model, device, seconds, parts, threads, peers):
+        for system, code in _startup_scripts(model, device, seconds, ct2_dir, threads, peers):
             rows.append(_attempt(system, lambda system=system, code=code: _startup_row(system, code, repeats)))
     else:
         raise ValueError(f"workload must be 'forced', 'speech' or 'startup', found {workload!r}")
@@ -296,7 +281,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows=[asdict(r) for r in rows])
 
 
-def _startup_scripts(model, device, seconds, parts, threads, peers):
+def _startup_scripts(model, device, seconds, ct2_dir, threads, peers):
     """Python programs that load a model and transcribe `seconds` of speech, each run in
     a new process: what a user waits for (imports, load, compile cache, transcript)."""
     clip = f"from maxwhisper.bench import speech_audio; audio = speech_audio({seconds})"
@@ -305,7 +290,7 @@ def _startup_scripts(model, device, seconds, parts, threads, peers):
     if "faster-whisper" in peers:
         yield (f"faster-whisper (int8, {threads} threads)",
                f"{clip}\nfrom faster_whisper import WhisperModel\n"
-               f"m = WhisperModel({str(_joined_ct2_dir(parts))!r}, device='cpu', compute_type='int8', "
+               f"m = WhisperModel({str(ct2_dir)!r}, device='cpu', compute_type='int8', "
                f"cpu_threads={threads})\nsegments, _ = m.transcribe(audio, beam_size=1, temperature=0.0, "
                f"vad_filter=False, language='en')\nprint(''.join(s.text for s in segments))")
 

@@ -56,6 +56,29 @@ def package_files(name: str) -> tuple[list[Path], Path]:
     return [_package_file(m, rel, pkg.pip) for m, rel in pkg.parts], _package_file(*pkg.tokenizer, pkg.pip)
 
 
+def ctranslate2_dir(name: str) -> Path:
+    """A directory CTranslate2 (and faster-whisper) can load for a named model: the
+    package's own when model.bin is whole, else one in the cache with the parts joined,
+    made once."""
+    parts, _ = package_files(name)
+    if len(parts) == 1:
+        return parts[0].parent
+    target = cache_dir() / name / "ctranslate2"
+    if (target / "model.bin").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as tmp:
+        with open(Path(tmp) / "model.bin", "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        for extra in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
+            if (parts[0].parent / extra).is_file():
+                shutil.copyfile(parts[0].parent / extra, target / extra)
+        os.replace(Path(tmp) / "model.bin", target / "model.bin")  # last: its presence means complete
+    return target
+
+
 def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
     """(weights, tokenizer.json, spec) for a named model, converting on first use."""
     spec = load_spec(name)

@@ -96,20 +96,18 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"|{'-' * 12}|{'-' * 36}|{'-' * 13}|{'-' * 11}|")
         for model, stage, a, r in PARITY_ROWS:
             tr.write_line(f"| {model:<10} | {stage:<34} | {a:11.3e} | {r:9.2e} |")
-    if WER_ROWS:
-        tr = terminalreporter
-        tr.section("tiny.en word error rate on tests/data/speech (greedy, fallback on)")
-        tr.write_line("| clip | WER | transcript |")
-        tr.write_line("|---|---|---|")
-        for clip, rate, text in WER_ROWS:
-            tr.write_line(f"| {clip} | {rate:.1%} | {text} |")
-    if WORD_ROWS:
-        tr = terminalreporter
-        tr.section("word timestamps against faster-whisper (same weights, beam 5)")
-        tr.write_line("| model | clip | words | within 0.2 s | median error | max error |")
-        tr.write_line("|---|---|---|---|---|---|")
-        for model, clip, n, close, median, worst in WORD_ROWS:
-            tr.write_line(f"| {model} | {clip} | {n} | {close:.0%} | {median:.3f} s | {worst:.3f} s |")
+    _markdown(terminalreporter, "tiny.en word error rate on tests/data/speech (greedy, fallback on)",
+              ["clip", "WER", "transcript"], [(c, f"{r:.1%}", t) for c, r, t in WER_ROWS])
+    _markdown(terminalreporter, "word timestamps against faster-whisper (same weights, beam 5)",
+              ["model", "clip", "words", "within 0.2 s", "median error", "max error"],
+              [(m, c, n, f"{close:.0%}", f"{med:.3f} s", f"{worst:.3f} s") for m, c, n, close, med, worst in WORD_ROWS])
+
+
+def _markdown(tr, title: str, header: list[str], rows: list[tuple]) -> None:
+    if rows:
+        tr.section(title)
+        for line in ([header, ["---"] * len(header)] + [list(map(str, r)) for r in rows]):
+            tr.write_line("| " + " | ".join(line) + " |")
 
 
 # --- real weights and speech -------------------------------------------------------
@@ -177,24 +175,13 @@ def joined(names: list[str], gap_s: float = 1.0, repeat: int = 1) -> tuple[np.nd
 _PEERS: dict = {}
 
 
-def faster_whisper_peer(name: str, tmp_root):
-    """faster-whisper (float32, 2 threads) on the same CTranslate2 package our model was
-    converted from; a split model.bin is joined into a directory first."""
+def faster_whisper_peer(name: str):
+    """faster-whisper (float32, 2 threads) on the same CTranslate2 model our model was
+    converted from (parts joined once by the registry: call under `model_cache`)."""
     fw = pytest.importorskip("faster_whisper", reason="the peer comparison needs faster-whisper")
-    from pathlib import Path
-
-    from maxwhisper.registry import package_files
+    from maxwhisper.registry import ctranslate2_dir
 
     if name not in _PEERS:
-        parts, _ = package_files(name)
-        if len(parts) == 1:
-            directory = parts[0].parent
-        else:
-            directory = Path(tmp_root) / f"ct2-{name}"
-            directory.mkdir(exist_ok=True)
-            (directory / "model.bin").write_bytes(b"".join(p.read_bytes() for p in parts))
-            for f in ("config.json", "tokenizer.json", "vocabulary.txt"):
-                if (parts[0].parent / f).is_file():
-                    (directory / f).write_bytes((parts[0].parent / f).read_bytes())
-        _PEERS[name] = fw.WhisperModel(str(directory), device="cpu", compute_type="float32", cpu_threads=2)
+        _PEERS[name] = fw.WhisperModel(str(ctranslate2_dir(name)), device="cpu", compute_type="float32",
+                                       cpu_threads=2)
     return _PEERS[name]

@@ -15,7 +15,7 @@ pytest.importorskip("whisper", reason="the benchmark's peers need openai-whisper
 
 
 def test_forced_workload_is_the_same_work_for_every_system(tiny_en):
-    weights, spec, parts = bench._weights("tiny.en")
+    weights, spec, ct2_dir = bench._weights("tiny.en")
     tok = tiny_en.tokenizer
     prompt = tok.sot_sequence + [tok.no_timestamps]
     mel = log_mel_spectrogram(bench.speech_audio(30.0), spec.audio)[None, :, : spec.audio.n_frames]
@@ -26,7 +26,7 @@ def test_forced_workload_is_the_same_work_for_every_system(tiny_en):
     np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
     model, torch = bench._hf_model(weights, spec)
     np.testing.assert_array_equal(bench.forced_hf(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
-    model, ct2 = bench._ct2_model(parts, "float32", 2)
+    model, ct2 = bench._ct2_model(ct2_dir, "float32", 2)
     np.testing.assert_array_equal(bench.forced_ct2(model, ct2, mel, prompt, 12, tok.eot), ours)
 
 

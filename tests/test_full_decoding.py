@@ -20,9 +20,8 @@ CASES = {"01": (["01"], 1), "04": (["04"], 1), "long": (["01", "02", "03", "04",
 
 
 @pytest.fixture(scope="module")
-def peers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("peers")
-    return lambda name: faster_whisper_peer(name, root)
+def peers(model_cache):
+    return faster_whisper_peer
 
 
 def tokens_of(segments) -> list[int]:

@@ -28,8 +28,8 @@ def wer(reference: str, hypothesis: str) -> float:
 
 
 @pytest.fixture(scope="session")
-def peer_tiny_en(tmp_path_factory):
-    return faster_whisper_peer("tiny.en", tmp_path_factory.mktemp("peers"))
+def peer_tiny_en(model_cache):
+    return faster_whisper_peer("tiny.en")
 
 
 def first_difference(ours: list[int], theirs: list[int]) -> int | None:
@@ -221,11 +221,11 @@ def test_base_detects_the_language(base_model, lang, name):
     assert max(result["language_probs"], key=result["language_probs"].get) == lang
 
 
-def test_base_tokens_equal_faster_whisper(base_model, tmp_path_factory):
+def test_base_tokens_equal_faster_whisper(base_model):
     wav, _ = audioeval_sample("es", "pangrama")
     audio = load_audio(wav)
     ours = base_model.transcribe(audio, temperature=0.0)
-    peer = faster_whisper_peer("base", tmp_path_factory.mktemp("peers"))
+    peer = faster_whisper_peer("base")
     segments, info = peer.transcribe(audio, beam_size=1, temperature=0.0, vad_filter=False)
     segments = list(segments)
     assert info.language == ours["language"] == "es"
