@@ -86,6 +86,10 @@ def forced_maxwhisper(m, mel: np.ndarray, prompt: list[int], n: int, eot: int) -
     rt = m.runtime
     _, ck, cv = rt.encode(mel)[:3]
     logits, state, _ = rt.decode(np.array([prompt] * len(mel)), rt.start(ck, cv))
+    if rt.greedy_on_device:  # the whole loop in one call (loop.py), <|endoftext|> masked out
+        never = np.zeros(logits.shape[-1], np.float32)
+        never[eot] = -np.inf
+        return rt.greedy(logits[:, -1], state, never, np.zeros_like(never), n, eot, m.tokenizer.timestamp_begin)[0]
     out = []
     for _ in range(n):
         last = logits[:, -1].copy()
@@ -187,16 +191,24 @@ def _attempt(system: str, fn) -> Row:
         return Row(system, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
 
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
-        peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1) -> dict:
+        peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1,
+        dtype: str = "auto", greedy: str = "auto") -> dict:
     from . import load_model
     from .audio import log_mel_spectrogram
 
     threads = threads or os.cpu_count()
     t = time.perf_counter()
-    ours = load_model(model, device=device)
+    ours = load_model(model, device=device, dtype=dtype)
     load = time.perf_counter() - t
+    if greedy != "auto":
+        ours.runtime.greedy_on_device = greedy == "device"
+    loop = "device loop" if ours.runtime.greedy_on_device else "host loop"
+    us = f"maxwhisper ({ours.device}, {_SHORT[ours.dtype]}, {loop})"
     weights, spec, ct2_dir = _weights(model)
     tok = ours.tokenizer
     # Text tokens only: no timestamp rules, which the systems implement differently.
@@ -209,7 +221,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         mel = np.ascontiguousarray(mel, np.float32)
         duration = 30.0 * batch
         median, times, out = _timed(lambda: forced_maxwhisper(ours, mel, prompt, tokens, eot), repeats)
-        rows.append(Row(f"maxwhisper ({ours.device}, fp32)", median, times, load, int(out.size)))
+        rows.append(Row(us, median, times, load, int(out.size)))
 
         def peer(system, make, forced, *make_args):
             def go():
@@ -235,7 +247,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         duration = len(audio) / 16000
         beam = beam_size if beam_size > 1 else None
         median, times, out = _timed(lambda: ours.transcribe(audio, temperature=0.0, beam_size=beam), repeats)
-        rows.append(Row(f"maxwhisper ({ours.device}, fp32)", median, times, load, text=out["text"].strip()))
+        rows.append(Row(us, median, times, load, text=out["text"].strip()))
         if "openai-whisper" in peers:
             def openai_speech():
                 import whisper
@@ -268,11 +280,11 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows.append(_attempt(f"faster-whisper ({ct})", fw_speech))
     elif workload == "startup":
         duration = seconds
-        for system, code in _startup_scripts(model, device, seconds, ct2_dir, threads, peers):
+        for system, code in _startup_scripts(model, device, ours.dtype, seconds, ct2_dir, threads, peers):
             rows.append(_attempt(system, lambda system=system, code=code: _startup_row(system, code, repeats)))
     else:
         raise ValueError(f"workload must be 'forced', 'speech' or 'startup', found {workload!r}")
-    return dict(model=model, device=ours.device, workload=workload, batch=batch if workload == "forced" else 1,
+    return dict(model=model, device=ours.device, dtype=ours.dtype, greedy_loop=loop, workload=workload, batch=batch if workload == "forced" else 1,
                 beam_size=beam_size if workload == "speech" else None,
                 tokens=tokens if workload == "forced" else None, audio_s=duration, repeats=repeats, threads=threads,
                 machine=f"{platform.machine()}, {os.cpu_count()} cores", date=str(date.today()),
@@ -281,12 +293,12 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows=[asdict(r) for r in rows])
 
 
-def _startup_scripts(model, device, seconds, ct2_dir, threads, peers):
+def _startup_scripts(model, device, dtype, seconds, ct2_dir, threads, peers):
     """Python programs that load a model and transcribe `seconds` of speech, each run in
     a new process: what a user waits for (imports, load, compile cache, transcript)."""
     clip = f"from maxwhisper.bench import speech_audio; audio = speech_audio({seconds})"
-    yield (f"maxwhisper ({device})", f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, "
-           f"device={device!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
+    yield (f"maxwhisper ({device}, {dtype})", f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, "
+           f"device={device!r}, dtype={dtype!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
     if "faster-whisper" in peers:
         yield (f"faster-whisper (int8, {threads} threads)",
                f"{clip}\nfrom faster_whisper import WhisperModel\n"
@@ -360,7 +372,7 @@ def chart(report: dict, path: str | Path) -> None:
 
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
-                 args.threads, tuple(args.peers), args.beam_size)
+                 args.threads, tuple(args.peers), args.beam_size, args.dtype, args.greedy)
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -372,6 +384,10 @@ def main(args) -> int:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="our precision (auto: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--greedy", default="auto", choices=["auto", "device", "host"],
+                   help="where our greedy loop runs (auto: the device's loop on a GPU, the host's on the CPU)")
     p.add_argument("--workload", default="forced", choices=["forced", "speech", "startup"])
     p.add_argument("--batch", type=int, default=1, help="windows decoded together (forced workload)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per window (forced workload)")

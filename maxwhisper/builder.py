@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from max.dtype import DType
-from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
+from max.graph import DeviceRef, Graph, Module, TensorType, TensorValue, Weight, ops
 
 from .manifest import manifest
 from .spec import SUBLAYER_PREFIX, ModelSpec
@@ -37,7 +37,7 @@ def bound_transposed(name: str, shape) -> bool:
     return name.endswith(".weight") and len(shape) == 2
 
 
-class _Weights:
+class Weights:
     """Declares graph weights on first use, with the manifest's shape (matrices
     transposed, see `bound_transposed`) and one dtype."""
 
@@ -53,12 +53,12 @@ class _Weights:
         return self.declared[name]
 
 
-def _linear(w: _Weights, prefix: str, x: TensorValue, bias: bool = True) -> TensorValue:
+def _linear(w: Weights, prefix: str, x: TensorValue, bias: bool = True) -> TensorValue:
     y = x @ w(f"{prefix}.weight")  # bound as (in, out)
     return y + w(f"{prefix}.bias") if bias else y
 
 
-def _layer_norm(w: _Weights, prefix: str, x: TensorValue, eps: float) -> TensorValue:
+def _layer_norm(w: Weights, prefix: str, x: TensorValue, eps: float) -> TensorValue:
     # Statistics in fp32 as openai-whisper's LayerNorm does, whatever the model dtype.
     y = ops.layer_norm(x.cast(DType.float32), w(f"{prefix}.weight").cast(DType.float32),
                        w(f"{prefix}.bias").cast(DType.float32), eps)
@@ -88,7 +88,7 @@ def _attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
     return (weights @ _heads(v, n_head)).transpose(1, 2).reshape([b, t, d])
 
 
-def _conv1d(w: _Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
+def _conv1d(w: Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
             padding: int) -> TensorValue:
     """Conv1d on (B, L, C) as im2col + one matmul: the same on CPU and GPU, and clear of
     the CPU conv2d padding bug (modular issue 6461)."""
@@ -106,11 +106,14 @@ def _conv1d(w: _Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
 
 def _activation(name: str, x: TensorValue) -> TensorValue:
     assert name == "gelu", name  # the spec validator admits only known activations
-    return ops.gelu(x)
+    if x.dtype == DType.float32:
+        return ops.gelu(x)
+    # In float32 whatever the model dtype, like the layer norms and softmax.
+    return ops.gelu(x.cast(DType.float32)).cast(x.dtype)
 
 
-def _mlp(w: _Weights, prefix: str, x: TensorValue) -> TensorValue:
-    return _linear(w, f"{prefix}.2", ops.gelu(_linear(w, f"{prefix}.0", x)))
+def _mlp(w: Weights, prefix: str, x: TensorValue) -> TensorValue:
+    return _linear(w, f"{prefix}.2", _activation("gelu", _linear(w, f"{prefix}.0", x)))
 
 
 def _causal_mask(t, p, device: DeviceRef) -> TensorValue:
@@ -122,14 +125,15 @@ def _causal_mask(t, p, device: DeviceRef) -> TensorValue:
 
 
 def encoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
-                  device: DeviceRef | None = None, taps: bool = False) -> tuple[Graph, list[str]]:
+                  device: DeviceRef | None = None, taps: bool = False,
+                  module: Module | None = None) -> tuple[Graph, list[str]]:
     """Returns the graph and the names of its outputs, in order."""
     device = device or DeviceRef.CPU()
     enc, dec, eps = spec.encoder, spec.decoder, spec.norm_eps
     mel_type = TensorType(DType.float32, ["batch", spec.audio.n_mels, spec.audio.n_frames], device)
     names, extra = ["features", "cross_k", "cross_v"], []
-    with Graph(f"{spec.name}_encoder", input_types=[mel_type]) as g:
-        w = _Weights(g, spec, dtype, device)
+    with Graph(f"{spec.name}_encoder", input_types=[mel_type], module=module) as g:
+        w = Weights(g, spec, dtype, device)
 
         def tap(name, x):
             if taps:
@@ -172,8 +176,45 @@ def alignment_heads(spec: ModelSpec) -> list[tuple[int, int]]:
     return [(l, h) for l in range(dec.n_layer // 2, dec.n_layer) for h in range(dec.n_head)]
 
 
+def embed_tokens(w: Weights, tokens: TensorValue) -> TensorValue:
+    """(B, T) token ids -> (B, T, D). The embedding is bound (D, V): gather columns, then
+    put D last."""
+    return ops.permute(ops.gather(w("decoder.token_embedding.weight"), tokens, axis=1), [1, 2, 0])
+
+
+def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k: TensorValue,
+                   cross_v: TensorValue, mask: TensorValue, on_cross=None, on_layer=None) -> TensorValue:
+    """The decoder blocks and the logits (B, T, V) float32 for embedded tokens x (B, T, D).
+    `self_kv(i, k, v)` gets layer i's new keys and values (B, T, D) and returns those to
+    attend over: how the cache is kept is the caller's. `mask` is added to the
+    self-attention scores. `on_cross(i, q)` and `on_layer(i, x)` observe the cross-attention
+    queries and each block's output."""
+    dec, eps = spec.decoder, spec.norm_eps
+    for i in range(dec.n_layer):
+        for kind in dec.block:
+            pre = f"decoder.blocks.{i}.{SUBLAYER_PREFIX[kind]}"
+            h = _layer_norm(w, f"{pre}_ln", x, eps)
+            if kind == "mlp":
+                x = x + _mlp(w, pre, h)
+                continue
+            q = _linear(w, f"{pre}.query", h)
+            if kind == "self_attention":
+                k, v = self_kv(i, _linear(w, f"{pre}.key", h, bias=False), _linear(w, f"{pre}.value", h))
+                o = _attention(q, k, v, dec.n_head, mask)
+            else:
+                o = _attention(q, cross_k[i], cross_v[i], dec.n_head)
+                if on_cross:
+                    on_cross(i, q)
+            x = x + _linear(w, f"{pre}.out", o)
+        if on_layer:
+            on_layer(i, x)
+    x = _layer_norm(w, f"decoder.{dec.final_norm}", x, eps)
+    return (x @ w("decoder.token_embedding.weight")).cast(DType.float32)
+
+
 def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceRef | None = None,
-                  taps: bool = False, alignment: bool = False) -> tuple[Graph, list[str]]:
+                  taps: bool = False, alignment: bool = False,
+                  module: Module | None = None) -> tuple[Graph, list[str]]:
     """Returns the graph and the names of its outputs, in order.
 
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
@@ -181,7 +222,7 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     P + T <= decoder.n_ctx (the runtime checks it). `taps` implies `alignment`.
     """
     device = device or DeviceRef.CPU()
-    dec, eps = spec.decoder, spec.norm_eps
+    dec = spec.decoder
     L, D = dec.n_layer, dec.n_state
     types = [TensorType(DType.int64, ["batch", "seq"], device),
              TensorType(DType.int64, ["batch"], device),
@@ -194,8 +235,9 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     for layer, head in sorted(alignment_heads(spec)) if (alignment or taps) else []:
         heads_by_layer.setdefault(layer, []).append(head)
     qks = []
-    with Graph(f"{spec.name}_decoder", input_types=types) as g:
-        w = _Weights(g, spec, dtype, device)
+    name = f"{spec.name}_decoder" + ("_alignment" if heads_by_layer else "")
+    with Graph(name, input_types=types, module=module) as g:
+        w = Weights(g, spec, dtype, device)
         tokens, order, self_k, self_v, cross_k, cross_v = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)
@@ -203,35 +245,26 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
         start = ops.shape_to_tensor([p]).reshape([])
         stop = ops.shape_to_tensor([p + t]).reshape([])
         pos = ops.slice_tensor(w("decoder.positional_embedding"), [(slice(start, stop), t), slice(None)])
-        # The embedding is bound (D, V): gather columns, then put D last.
-        x = ops.permute(ops.gather(w("decoder.token_embedding.weight"), tokens, axis=1), [1, 2, 0]) + pos
+        x = embed_tokens(w, tokens) + pos
         mask = _causal_mask(t, p, device)
         new_k, new_v = [], []
-        for i in range(L):
-            for kind in dec.block:
-                pre = f"decoder.blocks.{i}.{SUBLAYER_PREFIX[kind]}"
-                h = _layer_norm(w, f"{pre}_ln", x, eps)
-                if kind == "mlp":
-                    x = x + _mlp(w, pre, h)
-                    continue
-                q = _linear(w, f"{pre}.query", h)
-                if kind == "self_attention":
-                    k = ops.concat([self_k[i], _linear(w, f"{pre}.key", h, bias=False)], axis=1)
-                    v = ops.concat([self_v[i], _linear(w, f"{pre}.value", h)], axis=1)
-                    new_k.append(k)
-                    new_v.append(v)
-                    o = _attention(q, k, v, dec.n_head, mask)
-                else:
-                    o = _attention(q, cross_k[i], cross_v[i], dec.n_head)
-                    if i in heads_by_layer:
-                        idx = ops.constant(heads_by_layer[i], DType.int64, device)
-                        qks.append(ops.gather(_scores(q, cross_k[i], dec.n_head), idx, axis=1))
-                x = x + _linear(w, f"{pre}.out", o)
+
+        def self_kv(i, k, v):  # the cache grows by the new tokens
+            new_k.append(ops.concat([self_k[i], k], axis=1))
+            new_v.append(ops.concat([self_v[i], v], axis=1))
+            return new_k[-1], new_v[-1]
+
+        def on_cross(i, q):
+            if i in heads_by_layer:
+                idx = ops.constant(heads_by_layer[i], DType.int64, device)
+                qks.append(ops.gather(_scores(q, cross_k[i], dec.n_head), idx, axis=1))
+
+        def on_layer(i, x):
             if taps:
                 names.append(f"decoder.blocks.{i}")
                 extra.append(x.cast(DType.float32))
-        x = _layer_norm(w, f"decoder.{dec.final_norm}", x, eps)
-        logits = (x @ w("decoder.token_embedding.weight")).cast(DType.float32)
+
+        logits = decoder_layers(w, spec, x, self_kv, cross_k, cross_v, mask, on_cross, on_layer)
         if qks:
             names.append("alignment_qk")
             extra.append(ops.concat(qks, axis=1) if len(qks) > 1 else qks[0])
@@ -239,12 +272,12 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     return g, names
 
 
-def select_graph(dtype: DType, device: DeviceRef | None = None) -> Graph:
+def select_graph(dtype: DType, device: DeviceRef | None = None, module: Module | None = None) -> Graph:
     """Rows (axis 1) of a stacked (L, B, S, D) tensor: idx (N,) -> (L, N, S, D)."""
     device = device or DeviceRef.CPU()
     types = [TensorType(dtype, ["layers", "rows", "length", "width"], device),
              TensorType(DType.int64, ["n"], device)]
-    with Graph(f"select_rows_{dtype}", input_types=types) as g:
+    with Graph(f"select_rows_{dtype}", input_types=types, module=module) as g:
         x, idx = (v.tensor for v in g.inputs)
         g.output(ops.gather(x, idx, axis=1))
     return g

@@ -50,7 +50,7 @@ def _transcribe(args) -> int:
     if args.word_timestamps and args.task == "translate":
         raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
 
-    model = load_model(args.model, device=args.device)  # compiled once for every input
+    model = load_model(args.model, device=args.device, dtype=args.dtype)  # compiled once for every input
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
     loaded: list[str] = []
     failed = 0
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"model name or converted .safetensors (default {DEFAULT_MODEL})")
     tr.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="precision of weights and activations (auto: bfloat16 on a GPU, float32 on the CPU)")
     tr.add_argument("--language", default=None, help="language code; detected when omitted")
     tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     tr.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],

@@ -105,19 +105,32 @@ class LogitRules:
         self.timestamps = not opts.without_timestamps
         self.max_initial = (None if opts.max_initial_timestamp is None
                             else round(opts.max_initial_timestamp / 0.02))
+        self.always, self.begin = self._masks()
+
+    def _masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rules that need no sequence, as additive (V,) masks: what every step
+        suppresses, and what the first sampled token suppresses besides."""
+        tok, tb = self.tok, self.tok.timestamp_begin
+        always = np.zeros(tok.spec.vocab.n_vocab, np.float32)
+        begin = np.zeros_like(always)
+        always[self.suppress] = NEG_INF
+        if self.blank is not None:
+            begin[self.blank] = NEG_INF
+        if not self.timestamps:
+            always[tb:] = NEG_INF  # and <|notimestamps|> is in the prompt
+            return always, begin
+        always[tok.no_timestamps] = NEG_INF
+        begin[:tb] = NEG_INF  # a window starts with a timestamp
+        if self.max_initial is not None:
+            begin[tb + self.max_initial + 1:] = NEG_INF
+        return always, begin
 
     def __call__(self, logits: np.ndarray, tokens: list[list[int]]) -> np.ndarray:
         """logits (B, V) for the next token after `tokens` (each row the full sequence)."""
-        tok, logits = self.tok, logits.copy()
-        at_start = len(tokens[0]) == self.sample_begin
-        if self.blank is not None and at_start:
-            logits[:, self.blank] = NEG_INF
-        logits[:, self.suppress] = NEG_INF
+        logits = logits + self.always + (self.begin if len(tokens[0]) == self.sample_begin else 0)
         if not self.timestamps:
-            logits[:, tok.timestamp_begin:] = NEG_INF  # and <|notimestamps|> is in the prompt
             return logits
-        tb = tok.timestamp_begin
-        logits[:, tok.no_timestamps] = NEG_INF
+        tok, tb = self.tok, self.tok.timestamp_begin
         for k, seq in enumerate(tokens):
             sampled = seq[self.sample_begin:]
             last_ts = len(sampled) >= 1 and sampled[-1] >= tb
@@ -132,10 +145,6 @@ class LogitRules:
                 # Timestamps never go back, and a segment has non-zero length.
                 last = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
                 logits[k, tb:last] = NEG_INF
-        if at_start:
-            logits[:, :tb] = NEG_INF  # a window starts with a timestamp
-            if self.max_initial is not None:
-                logits[:, tb + self.max_initial + 1:] = NEG_INF
         # When the timestamps together outweigh every text token, emit a timestamp.
         logprobs = log_softmax(logits)
         ts_mass = np.logaddexp.reduce(logprobs[:, tb:], axis=-1)
@@ -276,6 +285,12 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     state = model.start(cross_k, cross_v)
     logits, state, _ = model.decode(np.array(prefixes, np.int64), state)
     no_speech = np.exp(log_softmax(logits[:, sot_index])[:, tok.no_speech])
+    if group == 1 and opts.temperature == 0 and model.greedy_on_device:
+        tokens, sums = model.greedy(logits[:, -1], state, rules.always, rules.begin, sample_len,
+                                    tok.eot, tok.timestamp_begin)
+        # A row that ran out of length ends as if <|endoftext|> came next, as in _finish.
+        done = [[(prefixes[w] + tokens[w].tolist() + [tok.eot], float(sums[w]))] for w in range(n_win)]
+        return _results(tok, done, sample_begin, no_speech, opts)
     # The group's rows all start from their window's prompt cache row.
     window = np.repeat(np.arange(n_win), group)
     rows = _Rows(window, [list(prefixes[w]) for w in window], np.zeros(len(window)))
@@ -301,8 +316,13 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
         logits = logits[:, -1]
 
     _finish(rows, done, group, tok.eot)
+    return _results(tok, done, sample_begin, no_speech, opts)
+
+
+def _results(tok, done, sample_begin, no_speech, opts) -> list[DecodingResult]:
+    """Each window's best candidate (tokens up to <|endoftext|>, summed log-prob)."""
     results = []
-    for w in range(n_win):
+    for w in range(len(done)):
         candidates = [(seq[sample_begin: seq.index(tok.eot, sample_begin)], float(lp)) for seq, lp in done[w]]
         out, sum_logprob = candidates[_rank(candidates, opts.length_penalty)]
         text = tok.decode(out).strip()

@@ -8,7 +8,7 @@ import numpy as np
 
 from .audio import load_audio, prepare
 from .registry import DEFAULT_MODEL, ensure_converted
-from .runtime import CompiledWhisper
+from .runtime import DTYPES, CompiledWhisper
 from .spec import ModelSpec, load_spec
 from .tokenizer import WhisperTokenizer
 from .transcribe import transcribe, transcribe_batch
@@ -19,14 +19,19 @@ class Whisper:
     """A compiled model with its tokenizer; compile once, transcribe many."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], tokenizer_json: str | Path,
-                 device: str = "auto"):
+                 device: str = "auto", dtype: str | None = None):
         self.spec = spec
         self.tokenizer = WhisperTokenizer(tokenizer_json, spec)
-        self.runtime = CompiledWhisper(spec, weights, device=device)
+        self.runtime = CompiledWhisper(spec, weights, device=device, dtype=dtype)
 
     @property
     def device(self) -> str:
         return self.runtime.device_name
+
+    @property
+    def dtype(self) -> str:
+        """The weights' and activations' precision: 'float32', 'float16' or 'bfloat16'."""
+        return next(k for k, v in DTYPES.items() if v == self.runtime.dtype)
 
     @property
     def is_multilingual(self) -> bool:
@@ -63,12 +68,15 @@ def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:
     return weights, tokenizer, load_spec(spec)
 
 
-def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", spec: str | None = None) -> Whisper:
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", spec: str | None = None,
+               dtype: str | None = None) -> Whisper:
     """A built-in model name (its weight package must be installed; converted once into
-    the cache) or a converted .safetensors file / directory, with tokenizer.json beside it."""
+    the cache) or a converted .safetensors file / directory, with tokenizer.json beside it.
+    `dtype`: 'float32', 'float16', 'bfloat16', or None for the device's default
+    (bfloat16 on a GPU, float32 on the CPU)."""
     path = Path(name_or_path)
     if path.exists():
         weights, tokenizer, model_spec = _local_files(path, spec)
     else:
         weights, tokenizer, model_spec = ensure_converted(str(name_or_path))
-    return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device)
+    return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device, dtype=dtype)

@@ -1,9 +1,13 @@
 """Compile a spec's graphs with bound weights and run them.
 
 The decoder's KV cache stays in device buffers between steps; only tokens (and the row
-order, for beams) go in and logits come out through the host. Graphs that only some
-calls need (row selection, the alignment decoder for word timestamps) compile on first
-use.
+order, for beams) go in and logits come out through the host. The encoder, decoder and
+row-selection graphs are compiled together as one `max.graph.Module`; the alignment
+decoder for word timestamps compiles, as its own module, on first use.
+
+Graphs go to MAX as modules, never as a bare `Graph`: MAX 26.7 spends 2.5-3.5 s per
+bare graph to find it in its compile cache, against 0.05-0.16 s for a module holding the
+same graphs (docs/design.md, "Start-up").
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import numpy as np
 from max.driver import CPU, Accelerator, Buffer, accelerator_count
 from max.dtype import DType
 from max.engine import InferenceSession
-from max.graph import DeviceRef
+from max.graph import DeviceRef, Module
 
 from .builder import bound_transposed, decoder_graph, encoder_graph, select_graph
 from .spec import ModelSpec
 
-_NUMPY = {DType.float32: np.float32, DType.float16: np.float16}
+DTYPES = {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16}
 
 
 def resolve_device(device: str) -> str:
@@ -30,6 +34,33 @@ def resolve_device(device: str) -> str:
     if device == "gpu" and accelerator_count() == 0:
         raise RuntimeError("device='gpu' was asked for, but MAX sees no accelerator")
     return device
+
+
+def resolve_dtype(dtype: str | DType | None, device_name: str) -> DType:
+    """None or 'auto': bfloat16 on a GPU, float32 on the CPU, where MAX 26.7 has no fast
+    bfloat16 kernels (docs/benchmarks.md)."""
+    if isinstance(dtype, DType) and dtype in DTYPES.values():
+        return dtype
+    if dtype in (None, "auto"):
+        return DType.bfloat16 if device_name == "gpu" else DType.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto', {', '.join(map(repr, DTYPES))}, found {dtype!r}")
+    return DTYPES[dtype]
+
+
+def bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """numpy has no bfloat16: float32 rounded to its top 16 bits (to nearest, ties to
+    even), as uint16, for MAX to read as bfloat16."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def weight_array(name: str, a: np.ndarray, dtype: DType) -> np.ndarray | Buffer:
+    """A checkpoint tensor as the graph binds it: matrices transposed, in `dtype`."""
+    a = a.T if bound_transposed(name, a.shape) else a
+    if dtype == DType.bfloat16:
+        return Buffer.from_numpy(bfloat16_bits(a)).view(DType.bfloat16, list(a.shape))
+    return np.ascontiguousarray(a, dtype=np.float16 if dtype == DType.float16 else np.float32)
 
 
 @dataclass
@@ -46,21 +77,38 @@ class CompiledWhisper:
     """An encoder and a decoder graph, compiled once, with weights bound by name."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], device: str = "cpu",
-                 dtype: DType = DType.float32, taps: bool = False):
-        self.spec, self.dtype = spec, dtype
+                 dtype: str | DType | None = None, taps: bool = False):
+        self.spec = spec
         self.device_name = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device_name)
         self.device = Accelerator() if self.device_name == "gpu" else CPU()
-        ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
-        self._ref = ref
-        np_dtype = _NUMPY[dtype]
-        self._registry = {k: np.ascontiguousarray(v.T if bound_transposed(k, v.shape) else v, dtype=np_dtype)
-                          for k, v in weights.items()}
+        self._ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
+        self._registry = {k: weight_array(k, v, self.dtype) for k, v in weights.items()}
         self._session = InferenceSession(devices=[self.device])
-        enc, self.encoder_outputs = encoder_graph(spec, dtype, ref, taps)
-        dec, self.decoder_outputs = decoder_graph(spec, dtype, ref, taps)
-        self._encoder = self._session.load(enc, weights_registry=self._registry)
-        self._decoder = self._session.load(dec, weights_registry=self._registry)
-        self._selector = self._aligner = None
+        outputs = {}
+
+        def encoder(module):
+            g, outputs["encoder"] = encoder_graph(spec, self.dtype, self._ref, taps, module=module)
+            return g
+
+        def decoder(module):
+            g, outputs["decoder"] = decoder_graph(spec, self.dtype, self._ref, taps, module=module)
+            return g
+
+        self._encoder, self._decoder, self._selector = self._compile(
+            encoder, decoder, lambda module: select_graph(self.dtype, self._ref, module))
+        self.encoder_outputs, self.decoder_outputs = outputs["encoder"], outputs["decoder"]
+        self._aligner = self._greedy = None
+        # decoding.decode's switch for greedy decoding. On the CPU the host loop measured as
+        # fast or faster (docs/benchmarks.md); the device loop is for accelerators.
+        self.greedy_on_device = self.device_name == "gpu"
+
+    def _compile(self, *builders):
+        """Build graphs into one module, compile (or find in MAX's cache) and bind weights."""
+        module = Module()
+        graphs = [build(module) for build in builders]
+        models = self._session.load_all(module, weights_registry=self._registry)
+        return [models[g.name] for g in graphs]
 
     def _put(self, a: np.ndarray) -> Buffer:
         return Buffer.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -75,14 +123,12 @@ class CompiledWhisper:
     def start(self, cross_k: Buffer, cross_v: Buffer) -> DecoderState:
         """An empty self-attention cache for the batch that `cross_k` belongs to."""
         L, b, _, d = cross_k.shape
-        empty = np.zeros((L, b, 0, d), _NUMPY[self.dtype])
-        return DecoderState(self._put(empty), self._put(empty), cross_k, cross_v, 0)
+        empty = Buffer.zeros((L, b, 0, d), self.dtype, self.device)
+        return DecoderState(empty, empty, cross_k, cross_v, 0)
 
     def select(self, x: Buffer, rows) -> Buffer:
         """Rows of a stacked (L, B, S, D) buffer, on the device: repeat a window's cross
         K/V for its beams, or keep only the unfinished windows."""
-        if self._selector is None:
-            self._selector = self._session.load(select_graph(self.dtype, self._ref))
         return self._selector.execute(x, self._put(np.asarray(rows, np.int64)))[0]
 
     def select_pair(self, pair: tuple[Buffer, Buffer], rows) -> tuple[Buffer, Buffer]:
@@ -102,10 +148,30 @@ class CompiledWhisper:
         """One pass of the alignment decoder: logits (B, T, V) and the alignment heads'
         scaled cross-attention scores (B, heads, T, S)."""
         if self._aligner is None:
-            dec, _ = decoder_graph(self.spec, self.dtype, self._ref, alignment=True)
-            self._aligner = self._session.load(dec, weights_registry=self._registry)
+            self._aligner, = self._compile(
+                lambda module: decoder_graph(self.spec, self.dtype, self._ref, alignment=True, module=module)[0])
         logits, _, extra = self._step(self._aligner, tokens, state, None)
         return logits, extra[-1].to_numpy()
+
+    def greedy(self, first_logits: np.ndarray, state: DecoderState, suppress: np.ndarray, begin: np.ndarray,
+               max_new: int, eot: int, timestamp_begin: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy decoding to the end in one call (loop.py), after the prompt pass that
+        gave `state` and the logits (B, V) for the first token. `suppress` and `begin`:
+        additive (V,) masks for every step and for the first. Returns the sampled
+        tokens (B, n) and their summed log-probabilities (B,)."""
+        if state.length + max_new > self.spec.decoder.n_ctx or max_new < 1:
+            raise ValueError(f"{state.length} prompt + {max_new} new tokens must fit the text context "
+                             f"of {self.spec.decoder.n_ctx}")
+        if self._greedy is None:
+            from .loop import greedy_graph
+
+            self._greedy, = self._compile(lambda module: greedy_graph(
+                self.spec, eot, timestamp_begin, self.dtype, self._ref, module))
+        tokens, sum_logprob, n = self._greedy.execute(
+            self._put(first_logits.astype(np.float32)), state.self_k, state.self_v, state.cross_k, state.cross_v,
+            self._put(suppress.astype(np.float32)), self._put(begin.astype(np.float32)),
+            Buffer.from_numpy(np.array(max_new, np.int64)))
+        return tokens.to_numpy()[:, : int(n.to_numpy())], sum_logprob.to_numpy()
 
     def _step(self, graph, tokens: np.ndarray, state: DecoderState, order):
         tokens = np.asarray(tokens, dtype=np.int64)

