@@ -74,7 +74,7 @@ class DecoderState:
 
 
 class CompiledWhisper:
-    """An encoder and a decoder graph, compiled once, with weights bound by name."""
+    """A spec's graphs, compiled once, with weights bound by name in one dtype."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], device: str = "cpu",
                  dtype: str | DType | None = None, taps: bool = False):
@@ -99,8 +99,8 @@ class CompiledWhisper:
             encoder, decoder, lambda module: select_graph(self.dtype, self._ref, module))
         self.encoder_outputs, self.decoder_outputs = outputs["encoder"], outputs["decoder"]
         self._aligner = self._greedy = None
-        # decoding.decode's switch for greedy decoding. On the CPU the host loop measured as
-        # fast or faster (docs/benchmarks.md); the device loop is for accelerators.
+        # decoding.decode's switch for greedy decoding. On the CPU the device loop measured
+        # about 1.2x slower than the host's (docs/benchmarks.md); it is for accelerators.
         self.greedy_on_device = self.device_name == "gpu"
 
     def _compile(self, *builders):
