@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtime import PRECISIONS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -191,7 +193,7 @@ def _attempt(system: str, fn) -> Row:
         return Row(system, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
 
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_0"}
 
 
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
@@ -384,8 +386,8 @@ def main(args) -> int:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="our precision (auto: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *PRECISIONS],
+                   help="our precision (auto: bfloat16 on a GPU, float32 on the CPU; q4_0: CPU, 4-bit decoder matrices)")
     p.add_argument("--greedy", default="auto", choices=["auto", "device", "host"],
                    help="where our greedy loop runs (auto: the device's loop on a GPU, the host's on the CPU)")
     p.add_argument("--workload", default="forced", choices=["forced", "speech", "startup"])

@@ -24,6 +24,7 @@ import math
 
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, Module, TensorType, TensorValue, Weight, ops
+from max.graph.quantization import QuantizationEncoding
 
 from .manifest import manifest
 from .spec import SUBLAYER_PREFIX, ModelSpec
@@ -37,12 +38,36 @@ def bound_transposed(name: str, shape) -> bool:
     return name.endswith(".weight") and len(shape) == 2
 
 
+# Q4_0 (GGML's layout): blocks of 32 weights along a row, each an fp16 scale and 32
+# 4-bit values, 18 bytes. MAX's CPU kernel wants rows (outputs) in multiples of 32 too.
+Q4_0_BLOCK, Q4_0_BYTES = 32, 18
+Q4_0_SUFFIX = ".q4_0"
+
+
+def quantized_matrices(spec: ModelSpec) -> list[str]:
+    """The matrices the q4_0 precision binds as 4-bit blocks: the decoder's, which every
+    token reads again (its step is bound by memory traffic, and the logits projection is
+    most of it). The encoder, run once per window and bound by arithmetic, and the cross
+    K/V projections it holds stay float32."""
+    return [name for name, info in manifest(spec).items()
+            if name.startswith("decoder.") and bound_transposed(name, info.shape)
+            and ".cross_attn.key." not in name and ".cross_attn.value." not in name]
+
+
+def q4_0_rows(n: int) -> int:
+    """Rows (outputs) of a matrix as bound in Q4_0: padded with zero rows to a multiple of 32."""
+    return -(-n // Q4_0_BLOCK) * Q4_0_BLOCK
+
+
 class Weights:
     """Declares graph weights on first use, with the manifest's shape (matrices
-    transposed, see `bound_transposed`) and one dtype."""
+    transposed, see `bound_transposed`) and one dtype. Names in `quantized` are bound
+    a second way too, as Q4_0 blocks under `name + ".q4_0"`, which `matmul` uses."""
 
-    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef):
+    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef,
+                 quantized: frozenset[str] = frozenset()):
         self.graph, self.manifest, self.dtype, self.device = graph, manifest(spec), dtype, device
+        self.quantized = quantized
         self.declared: dict[str, TensorValue] = {}
 
     def __call__(self, name: str) -> TensorValue:
@@ -52,9 +77,22 @@ class Weights:
             self.declared[name] = self.graph.add_weight(Weight(name, self.dtype, shape, self.device)).tensor
         return self.declared[name]
 
+    def matmul(self, x: TensorValue, name: str) -> TensorValue:
+        """x (..., in) @ the matrix `name` -> (..., out)."""
+        if name not in self.quantized:
+            return x @ self(name)  # bound as (in, out)
+        q = name + Q4_0_SUFFIX
+        n_out, n_in = self.manifest[name].shape  # Q4_0 keeps the checkpoint's (out, in) rows
+        if q not in self.declared:
+            shape = (q4_0_rows(n_out), n_in // Q4_0_BLOCK * Q4_0_BYTES)
+            self.declared[q] = self.graph.add_weight(Weight(
+                q, DType.uint8, shape, self.device, quantization_encoding=QuantizationEncoding.Q4_0)).tensor
+        y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x, self.declared[q])
+        return y if q4_0_rows(n_out) == n_out else y[..., :n_out]
+
 
 def _linear(w: Weights, prefix: str, x: TensorValue, bias: bool = True) -> TensorValue:
-    y = x @ w(f"{prefix}.weight")  # bound as (in, out)
+    y = w.matmul(x, f"{prefix}.weight")
     return y + w(f"{prefix}.bias") if bias else y
 
 
@@ -219,17 +257,18 @@ def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k
         if on_layer:
             on_layer(i, x)
     x = _layer_norm(w, f"decoder.{dec.final_norm}", x, eps)
-    return (x @ w("decoder.token_embedding.weight")).cast(DType.float32)
+    return w.matmul(x, "decoder.token_embedding.weight").cast(DType.float32)
 
 
 def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceRef | None = None,
                   taps: bool = False, alignment: bool = False,
-                  module: Module | None = None) -> tuple[Graph, list[str]]:
+                  module: Module | None = None, quantized: bool = False) -> tuple[Graph, list[str]]:
     """Returns the graph and the names of its outputs, in order.
 
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
     continues, self K and V (L, B0, P, D), cross K and V (L, B, S, D). The caller keeps
     P + T <= decoder.n_ctx (the runtime checks it). `taps` implies `alignment`.
+    `quantized`: the `quantized_matrices` multiply as Q4_0 (float32 activations).
     """
     device = device or DeviceRef.CPU()
     dec = spec.decoder
@@ -245,9 +284,9 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     for layer, head in sorted(alignment_heads(spec)) if (alignment or taps) else []:
         heads_by_layer.setdefault(layer, []).append(head)
     qks = []
-    name = f"{spec.name}_decoder" + ("_alignment" if heads_by_layer else "")
+    name = f"{spec.name}_decoder" + ("_alignment" if heads_by_layer else "") + ("_q4_0" if quantized else "")
     with Graph(name, input_types=types, module=module) as g:
-        w = Weights(g, spec, dtype, device)
+        w = Weights(g, spec, dtype, device, frozenset(quantized_matrices(spec)) if quantized else frozenset())
         tokens, order, self_k, self_v, cross_k, cross_v = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)

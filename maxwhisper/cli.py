@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .registry import DEFAULT_MODEL
+from .runtime import PRECISIONS
 from .spec import SpecError, load_spec
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 from .weights import WeightsError
@@ -113,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"model name or converted .safetensors (default {DEFAULT_MODEL})")
     tr.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                    help="precision of weights and activations (auto: bfloat16 on a GPU, float32 on the CPU)")
+    tr.add_argument("--dtype", default="auto", choices=["auto", *PRECISIONS],
+                    help="precision of weights and activations (auto: bfloat16 on a GPU, float32 on the CPU; "
+                         "q4_0: CPU only, the decoder's matrices in 4-bit blocks, faster, words may differ)")
     tr.add_argument("--language", default=None, help="language code; detected when omitted")
     tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     tr.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],

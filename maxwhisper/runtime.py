@@ -20,10 +20,13 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Module
 
-from .builder import bound_transposed, decoder_graph, encoder_graph, select_graph
+from .builder import (Q4_0_BLOCK, Q4_0_SUFFIX, bound_transposed, decoder_graph, encoder_graph, q4_0_rows,
+                      quantized_matrices, select_graph)
 from .spec import ModelSpec
 
 DTYPES = {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16}
+# q4_0: the decoder's matrices in 4-bit blocks, everything else float32 (CPU only).
+PRECISIONS = (*DTYPES, "q4_0")
 
 
 def resolve_device(device: str) -> str:
@@ -37,15 +40,19 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str | DType | None, device_name: str) -> DType:
-    """None or 'auto': bfloat16 on a GPU, float32 on the CPU, where MAX 26.7 has no fast
-    bfloat16 kernels (docs/benchmarks.md)."""
+    """The activations' dtype. None or 'auto': bfloat16 on a GPU, float32 on the CPU,
+    where MAX 26.7 has no fast bfloat16 kernels (docs/benchmarks.md). 'q4_0' computes
+    in float32 and is for the CPU only: MAX's Q4_0 matmul is a CPU kernel."""
     if isinstance(dtype, DType) and dtype in DTYPES.values():
         return dtype
     if dtype in (None, "auto"):
         return DType.bfloat16 if device_name == "gpu" else DType.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto', {', '.join(map(repr, DTYPES))}, found {dtype!r}")
-    return DTYPES[dtype]
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype must be 'auto', {', '.join(map(repr, PRECISIONS))}, found {dtype!r}")
+    if dtype == "q4_0" and device_name != "cpu":
+        raise ValueError("dtype 'q4_0' runs on the CPU only (MAX's Q4_0 matmul is a CPU kernel); "
+                         "use 'bfloat16' or 'float16' on a GPU")
+    return DType.float32 if dtype == "q4_0" else DTYPES[dtype]
 
 
 def bfloat16_bits(a: np.ndarray) -> np.ndarray:
@@ -61,6 +68,21 @@ def weight_array(name: str, a: np.ndarray, dtype: DType) -> np.ndarray | Buffer:
     if dtype == DType.bfloat16:
         return Buffer.from_numpy(bfloat16_bits(a)).view(DType.bfloat16, list(a.shape))
     return np.ascontiguousarray(a, dtype=np.float16 if dtype == DType.float16 else np.float32)
+
+
+def q4_0_blocks(name: str, a: np.ndarray) -> np.ndarray:
+    """A checkpoint matrix (out, in) as MAX's Q4_0 matmul binds it: rows of 18-byte
+    blocks (GGML's Q4_0, quantized by the gguf package), zero rows added up to a
+    multiple of 32."""
+    from gguf import GGMLQuantizationType, quants
+
+    n_out, n_in = a.shape
+    if n_in % Q4_0_BLOCK:
+        raise ValueError(f"{name}: q4_0 needs the input width to be a multiple of {Q4_0_BLOCK}, "
+                         f"found shape {a.shape}")
+    padded = np.zeros((q4_0_rows(n_out), n_in), np.float32)
+    padded[:n_out] = a
+    return quants.quantize(padded, GGMLQuantizationType.Q4_0)
 
 
 @dataclass
@@ -81,9 +103,13 @@ class CompiledWhisper:
         self.spec = spec
         self.device_name = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device_name)
+        self.quantized = dtype == "q4_0"
+        self.precision = "q4_0" if self.quantized else next(k for k, v in DTYPES.items() if v == self.dtype)
         self.device = Accelerator() if self.device_name == "gpu" else CPU()
         self._ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
         self._registry = {k: weight_array(k, v, self.dtype) for k, v in weights.items()}
+        if self.quantized:
+            self._registry.update({k + Q4_0_SUFFIX: q4_0_blocks(k, weights[k]) for k in quantized_matrices(spec)})
         self._session = InferenceSession(devices=[self.device])
         outputs = {}
 
@@ -92,7 +118,8 @@ class CompiledWhisper:
             return g
 
         def decoder(module):
-            g, outputs["decoder"] = decoder_graph(spec, self.dtype, self._ref, taps, module=module)
+            g, outputs["decoder"] = decoder_graph(spec, self.dtype, self._ref, taps, module=module,
+                                                  quantized=self.quantized)
             return g
 
         self._encoder, self._decoder, self._selector = self._compile(
@@ -149,7 +176,8 @@ class CompiledWhisper:
         scaled cross-attention scores (B, heads, T, S)."""
         if self._aligner is None:
             self._aligner, = self._compile(
-                lambda module: decoder_graph(self.spec, self.dtype, self._ref, alignment=True, module=module)[0])
+                lambda module: decoder_graph(self.spec, self.dtype, self._ref, alignment=True, module=module,
+                                             quantized=self.quantized)[0])
         logits, _, extra = self._step(self._aligner, tokens, state, None)
         return logits, extra[-1].to_numpy()
 
@@ -166,7 +194,7 @@ class CompiledWhisper:
             from .loop import greedy_graph
 
             self._greedy, = self._compile(lambda module: greedy_graph(
-                self.spec, eot, timestamp_begin, self.dtype, self._ref, module))
+                self.spec, eot, timestamp_begin, self.dtype, self._ref, module, self.quantized))
         tokens, sum_logprob, n = self._greedy.execute(
             self._put(first_logits.astype(np.float32)), state.self_k, state.self_v, state.cross_k, state.cross_v,
             self._put(suppress.astype(np.float32)), self._put(begin.astype(np.float32)),

@@ -25,7 +25,7 @@ def test_dtype_defaults_and_refusals():
     assert resolve_dtype(None, "cpu") == DType.float32
     assert resolve_dtype("auto", "gpu") == DType.bfloat16
     assert resolve_dtype("float16", "cpu") == DType.float16
-    with pytest.raises(ValueError, match="dtype must be 'auto', 'float32', 'float16', 'bfloat16', found 'int8'"):
+    with pytest.raises(ValueError, match="dtype must be 'auto', 'float32', 'float16', 'bfloat16', 'q4_0', found 'int8'"):
         resolve_dtype("int8", "cpu")
 
 
