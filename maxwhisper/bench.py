@@ -199,18 +199,23 @@ _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
         peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1,
-        dtype: str = "auto", greedy: str = "auto") -> dict:
+        dtype: str | tuple[str, ...] = "auto", greedy: str = "auto") -> dict:
+    """`dtype`: one of our precisions, or several: one row each, the first the baseline
+    of the ratio column."""
     from . import load_model
     from .audio import log_mel_spectrogram
 
     threads = threads or os.cpu_count()
-    t = time.perf_counter()
-    ours = load_model(model, device=device, dtype=dtype)
-    load = time.perf_counter() - t
-    if greedy != "auto":
-        ours.runtime.greedy_on_device = greedy == "device"
-    loop = "device loop" if ours.runtime.greedy_on_device else "host loop"
-    us = f"maxwhisper ({ours.device}, {_SHORT[ours.dtype]}, {loop})"
+    ours_all = []  # (row name, model, load seconds)
+    for d in ([dtype] if isinstance(dtype, str) else list(dtype)):
+        t = time.perf_counter()
+        m = load_model(model, device=device, dtype=d)
+        load = time.perf_counter() - t
+        if greedy != "auto":
+            m.runtime.greedy_on_device = greedy == "device"
+        loop = "device loop" if m.runtime.greedy_on_device else "host loop"
+        ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.dtype]}, {loop})", m, load))
+    ours = ours_all[0][1]
     weights, spec, ct2_dir = _weights(model)
     tok = ours.tokenizer
     # Text tokens only: no timestamp rules, which the systems implement differently.
@@ -222,8 +227,9 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         mel = np.repeat(log_mel_spectrogram(audio, spec.audio)[None, :, : spec.audio.n_frames], batch, 0)
         mel = np.ascontiguousarray(mel, np.float32)
         duration = 30.0 * batch
-        median, times, out = _timed(lambda: forced_maxwhisper(ours, mel, prompt, tokens, eot), repeats)
-        rows.append(Row(us, median, times, load, int(out.size)))
+        for us, m, load in ours_all:
+            median, times, out = _timed(lambda: forced_maxwhisper(m, mel, prompt, tokens, eot), repeats)
+            rows.append(Row(us, median, times, load, int(out.size)))
 
         def peer(system, make, forced, *make_args):
             def go():
@@ -248,8 +254,9 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         audio = speech_audio(seconds)
         duration = len(audio) / 16000
         beam = beam_size if beam_size > 1 else None
-        median, times, out = _timed(lambda: ours.transcribe(audio, temperature=0.0, beam_size=beam), repeats)
-        rows.append(Row(us, median, times, load, text=out["text"].strip()))
+        for us, m, load in ours_all:
+            median, times, out = _timed(lambda: m.transcribe(audio, temperature=0.0, beam_size=beam), repeats)
+            rows.append(Row(us, median, times, load, text=out["text"].strip()))
         if "openai-whisper" in peers:
             def openai_speech():
                 import whisper
@@ -282,11 +289,14 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows.append(_attempt(f"faster-whisper ({ct})", fw_speech))
     elif workload == "startup":
         duration = seconds
-        for system, code in _startup_scripts(model, device, ours.dtype, seconds, ct2_dir, threads, peers):
+        for system, code in _startup_scripts(model, device, [m.dtype for _, m, _ in ours_all], seconds, ct2_dir,
+                                             threads, peers):
             rows.append(_attempt(system, lambda system=system, code=code: _startup_row(system, code, repeats)))
     else:
         raise ValueError(f"workload must be 'forced', 'speech' or 'startup', found {workload!r}")
-    return dict(model=model, device=ours.device, dtype=ours.dtype, greedy_loop=loop, workload=workload, batch=batch if workload == "forced" else 1,
+    return dict(model=model, device=ours.device, dtype=ours.dtype, dtypes=[m.dtype for _, m, _ in ours_all],
+                greedy_loop="device loop" if ours.runtime.greedy_on_device else "host loop", workload=workload,
+                batch=batch if workload == "forced" else 1,
                 beam_size=beam_size if workload == "speech" else None,
                 tokens=tokens if workload == "forced" else None, audio_s=duration, repeats=repeats, threads=threads,
                 machine=f"{platform.machine()}, {os.cpu_count()} cores", date=str(date.today()),
@@ -295,12 +305,13 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows=[asdict(r) for r in rows])
 
 
-def _startup_scripts(model, device, dtype, seconds, ct2_dir, threads, peers):
+def _startup_scripts(model, device, dtypes, seconds, ct2_dir, threads, peers):
     """Python programs that load a model and transcribe `seconds` of speech, each run in
     a new process: what a user waits for (imports, load, compile cache, transcript)."""
     clip = f"from maxwhisper.bench import speech_audio; audio = speech_audio({seconds})"
-    yield (f"maxwhisper ({device}, {dtype})", f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, "
-           f"device={device!r}, dtype={dtype!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
+    for dtype in dtypes:
+        yield (f"maxwhisper ({device}, {dtype})", f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, "
+               f"device={device!r}, dtype={dtype!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
     if "faster-whisper" in peers:
         yield (f"faster-whisper (int8, {threads} threads)",
                f"{clip}\nfrom faster_whisper import WhisperModel\n"
@@ -374,7 +385,7 @@ def chart(report: dict, path: str | Path) -> None:
 
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
-                 args.threads, tuple(args.peers), args.beam_size, args.dtype, args.greedy)
+                 args.threads, tuple(args.peers), args.beam_size, tuple(args.dtype), args.greedy)
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -386,8 +397,9 @@ def main(args) -> int:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
-    p.add_argument("--dtype", default="auto", choices=["auto", *PRECISIONS],
-                   help="our precision (auto: bfloat16 on a GPU, float32 on the CPU; q4_0: CPU, 4-bit decoder matrices)")
+    p.add_argument("--dtype", nargs="+", default=["auto"], choices=["auto", *PRECISIONS],
+                   help="our precision, or several (a row each; the first is the ratios' baseline). auto: "
+                        "bfloat16 on a GPU, float32 on the CPU; q4_0: CPU, the decoder's matrices in 4 bits")
     p.add_argument("--greedy", default="auto", choices=["auto", "device", "host"],
                    help="where our greedy loop runs (auto: the device's loop on a GPU, the host's on the CPU)")
     p.add_argument("--workload", default="forced", choices=["forced", "speech", "startup"])

@@ -51,3 +51,10 @@ def test_report_table_json_and_chart(tiny_en, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib", reason="the chart needs matplotlib: pip install -e '.[test]'")
     bench.chart(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_precisions_one_row_each(model_cache):
+    report = bench.run("tiny.en", workload="forced", tokens=4, repeats=1, peers=(), dtype=("float32", "q4_0"))
+    assert [r["system"] for r in report["rows"]] == ["maxwhisper (cpu, fp32, host loop)",
+                                                     "maxwhisper (cpu, q4_0, host loop)"]
+    assert report["dtypes"] == ["float32", "q4_0"] and all(r["tokens"] == 4 for r in report["rows"])
