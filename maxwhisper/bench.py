@@ -87,7 +87,7 @@ def _weights(model: str) -> tuple[dict[str, np.ndarray], object, Path]:
 def forced_maxwhisper(m, mel: np.ndarray, prompt: list[int], n: int, eot: int) -> np.ndarray:
     rt = m.runtime
     _, ck, cv = rt.encode(mel)[:3]
-    logits, state, _ = rt.decode(np.array([prompt] * len(mel)), rt.start(ck, cv))
+    logits, state, _ = rt.decode(np.array([prompt] * len(mel)), rt.start(ck, cv), logits_at=[-1])
     if rt.greedy_on_device:  # the whole loop in one call (loop.py), <|endoftext|> masked out
         never = np.zeros(logits.shape[-1], np.float32)
         never[eot] = -np.inf

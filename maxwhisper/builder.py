@@ -231,12 +231,15 @@ def embed_tokens(w: Weights, tokens: TensorValue) -> TensorValue:
 
 
 def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k: TensorValue,
-                   cross_v: TensorValue, mask: TensorValue, on_cross=None, on_layer=None) -> TensorValue:
+                   cross_v: TensorValue, mask: TensorValue, on_cross=None, on_layer=None,
+                   logits_at: TensorValue | None = None) -> TensorValue:
     """The decoder blocks and the logits (B, T, V) float32 for embedded tokens x (B, T, D).
     `self_kv(i, k, v)` gets layer i's new keys and values (B, T, D) and returns those to
     attend over: how the cache is kept is the caller's. `mask` is added to the
     self-attention scores. `on_cross(i, q)` and `on_layer(i, x)` observe the cross-attention
-    queries and each block's output."""
+    queries and each block's output. `logits_at` (K,): the positions to give logits
+    for, (B, K, V); the vocabulary projection is most of a pass's work and a prompt
+    needs two of its positions, not all."""
     dec, eps = spec.decoder, spec.norm_eps
     for i in range(dec.n_layer):
         for kind in dec.block:
@@ -256,6 +259,8 @@ def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k
             x = x + _linear(w, f"{pre}.out", o)
         if on_layer:
             on_layer(i, x)
+    if logits_at is not None:
+        x = ops.gather(x, logits_at, axis=1)
     x = _layer_norm(w, f"decoder.{dec.final_norm}", x, eps)
     return w.matmul(x, "decoder.token_embedding.weight").cast(DType.float32)
 
@@ -266,7 +271,8 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     """Returns the graph and the names of its outputs, in order.
 
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
-    continues, self K and V (L, B0, P, D), cross K and V (L, B, S, D). The caller keeps
+    continues, self K and V (L, B0, P, D), cross K and V (L, B, S, D), logits_at (K,)
+    int64: the positions of T to give logits for, (B, K, V). The caller keeps
     P + T <= decoder.n_ctx (the runtime checks it). `taps` implies `alignment`.
     `quantized`: the `quantized_matrices` multiply as Q4_0 (float32 activations).
     """
@@ -278,7 +284,8 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
              TensorType(dtype, [L, "cache_batch", "past", D], device),
              TensorType(dtype, [L, "cache_batch", "past", D], device),
              TensorType(dtype, [L, "batch", "audio", D], device),
-             TensorType(dtype, [L, "batch", "audio", D], device)]
+             TensorType(dtype, [L, "batch", "audio", D], device),
+             TensorType(DType.int64, ["keep"], device)]
     names, extra = ["logits", "self_k", "self_v"], []
     heads_by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(alignment_heads(spec)) if (alignment or taps) else []:
@@ -287,7 +294,7 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     name = f"{spec.name}_decoder" + ("_alignment" if heads_by_layer else "") + ("_q4_0" if quantized else "")
     with Graph(name, input_types=types, module=module) as g:
         w = Weights(g, spec, dtype, device, frozenset(quantized_matrices(spec)) if quantized else frozenset())
-        tokens, order, self_k, self_v, cross_k, cross_v = (v.tensor for v in g.inputs)
+        tokens, order, self_k, self_v, cross_k, cross_v, logits_at = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)
         t, p = tokens.shape[1], self_k.shape[2]
@@ -313,7 +320,7 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
                 names.append(f"decoder.blocks.{i}")
                 extra.append(x.cast(DType.float32))
 
-        logits = decoder_layers(w, spec, x, self_kv, cross_k, cross_v, mask, on_cross, on_layer)
+        logits = decoder_layers(w, spec, x, self_kv, cross_k, cross_v, mask, on_cross, on_layer, logits_at)
         if qks:
             names.append("alignment_qk")
             extra.append(ops.concat(qks, axis=1) if len(qks) > 1 else qks[0])

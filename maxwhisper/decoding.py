@@ -283,8 +283,9 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     max_candidates = round(group * (opts.patience or 1.0)) if opts.beam_size else group
 
     state = model.start(cross_k, cross_v)
-    logits, state, _ = model.decode(np.array(prefixes, np.int64), state)
-    no_speech = np.exp(log_softmax(logits[:, sot_index])[:, tok.no_speech])
+    # Logits at two positions only: <|startoftranscript|> (no-speech) and the last.
+    logits, state, _ = model.decode(np.array(prefixes, np.int64), state, logits_at=[sot_index, -1])
+    no_speech = np.exp(log_softmax(logits[:, 0])[:, tok.no_speech])
     if group == 1 and opts.temperature == 0 and model.greedy_on_device:
         tokens, sums = model.greedy(logits[:, -1], state, rules.always, rules.begin, sample_len,
                                     tok.eot, tok.timestamp_begin)

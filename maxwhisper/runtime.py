@@ -165,11 +165,13 @@ class CompiledWhisper:
             return pair
         return self.select(pair[0], rows), self.select(pair[1], rows)
 
-    def decode(self, tokens: np.ndarray, state: DecoderState, order=None) -> tuple[np.ndarray, DecoderState, list[Buffer]]:
-        """Feed tokens (B, T) after the cached ones; returns logits (B, T, V), the grown
-        state, and the tap outputs (empty unless compiled with taps). Row b continues
-        cache row `order[b]` (default: row b), so beams reorder inside the step."""
-        return self._step(self._decoder, tokens, state, order)
+    def decode(self, tokens: np.ndarray, state: DecoderState, order=None,
+               logits_at=None) -> tuple[np.ndarray, DecoderState, list[Buffer]]:
+        """Feed tokens (B, T) after the cached ones; returns logits (B, K, V) at the
+        positions `logits_at` (default: all T; negative ones count from the end), the
+        grown state, and the tap outputs (empty unless compiled with taps). Row b
+        continues cache row `order[b]` (default: row b), so beams reorder inside the step."""
+        return self._step(self._decoder, tokens, state, order, logits_at)
 
     def align(self, tokens: np.ndarray, state: DecoderState) -> tuple[np.ndarray, np.ndarray]:
         """One pass of the alignment decoder: logits (B, T, V) and the alignment heads'
@@ -178,7 +180,7 @@ class CompiledWhisper:
             self._aligner, = self._compile(
                 lambda module: decoder_graph(self.spec, self.dtype, self._ref, alignment=True, module=module,
                                              quantized=self.quantized)[0])
-        logits, _, extra = self._step(self._aligner, tokens, state, None)
+        logits, _, extra = self._step(self._aligner, tokens, state, None, None)
         return logits, extra[-1].to_numpy()
 
     def greedy(self, first_logits: np.ndarray, state: DecoderState, suppress: np.ndarray, begin: np.ndarray,
@@ -201,7 +203,7 @@ class CompiledWhisper:
             Buffer.from_numpy(np.array(max_new, np.int64)))
         return tokens.to_numpy()[:, : int(n.to_numpy())], sum_logprob.to_numpy()
 
-    def _step(self, graph, tokens: np.ndarray, state: DecoderState, order):
+    def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at):
         tokens = np.asarray(tokens, dtype=np.int64)
         n_ctx, rows = self.spec.decoder.n_ctx, state.self_k.shape[1]
         if tokens.ndim != 2 or tokens.shape[0] != state.cross_k.shape[1]:
@@ -216,7 +218,11 @@ class CompiledWhisper:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.spec.vocab.n_vocab):
             raise ValueError(f"token ids must lie in [0, {self.spec.vocab.n_vocab}), found "
                              f"{tokens.min()}..{tokens.max()}")
-        logits, k, v, *taps = graph.execute(self._put(tokens), self._put(order),
-                                            state.self_k, state.self_v, state.cross_k, state.cross_v)
+        t = tokens.shape[1]
+        at = np.arange(t, dtype=np.int64) if logits_at is None else np.asarray(logits_at, np.int64).reshape(-1)
+        if at.size and (at.min() < -t or at.max() >= t):
+            raise ValueError(f"logits_at must be positions of the {t} new tokens, found {at.tolist()}")
+        logits, k, v, *taps = graph.execute(self._put(tokens), self._put(order), state.self_k, state.self_v,
+                                            state.cross_k, state.cross_v, self._put(at % max(t, 1)))
         state = DecoderState(k, v, state.cross_k, state.cross_v, state.length + tokens.shape[1])
         return logits.to_numpy(), state, taps

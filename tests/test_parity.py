@@ -140,6 +140,21 @@ def test_rows_reorder_and_drop_inside_the_step(parity_case):
         compiled.decode(tokens[:, 6:7], state, order=[0, 2])
 
 
+def test_logits_at_chosen_positions(parity_case):
+    """A prompt pass asks for logits at a few positions only (no-speech at
+    <|startoftranscript|>, the next token at the end): they equal those rows of the full
+    logits, and the cache grows by all tokens alike."""
+    name, spec, ref, compiled, mel, tokens = parity_case
+    _, ck, cv = compiled.encode(mel)[:3]
+    full, full_state, _ = compiled.decode(tokens, compiled.start(ck, cv))
+    got, state, _ = compiled.decode(tokens, compiled.start(ck, cv), logits_at=[3, -1, 0])
+    assert got.shape == (tokens.shape[0], 3, spec.vocab.n_vocab)
+    np.testing.assert_allclose(got, full[:, [3, -1, 0]], rtol=0, atol=1e-5 * np.abs(full).max())
+    np.testing.assert_array_equal(state.self_k.to_numpy(), full_state.self_k.to_numpy())
+    with pytest.raises(ValueError, match=r"logits_at must be positions of the 12 new tokens, found \[12\]"):
+        compiled.decode(tokens, compiled.start(ck, cv), logits_at=[12])
+
+
 @pytest.mark.parametrize("split", [[12], [4, 1, 1, 6], [1] * 12])
 def test_kv_cache_incremental_equals_full(parity_case, split):
     """Feeding tokens in pieces through the cache gives the full forward's logits."""
