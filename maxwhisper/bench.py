@@ -15,8 +15,11 @@ Workloads:
 Peers (test/benchmark dependencies; a peer that cannot run is listed with the reason):
 openai-whisper (PyTorch), Hugging Face transformers (eager, SDPA), faster-whisper
 (CTranslate2; float32 and int8). All run the same weights: the CTranslate2 package our
-model is converted from, loaded into each peer. Warm-up, then the median of --repeats;
-load and compile are reported apart. Ratios compare with the peers of this same run.
+model is converted from, loaded into each peer; or, with --weights random (forced
+workload; any spec, e.g. small, whose weights no package carries), openai-whisper's seeded
+random initialisation. With --device gpu the PyTorch peers run on CUDA in float16.
+Warm-up, then the median of --repeats; load and compile are reported apart. Ratios
+compare with the peers of this same run.
 """
 
 from __future__ import annotations
@@ -82,6 +85,29 @@ def _weights(model: str) -> tuple[dict[str, np.ndarray], object, Path]:
     return {k: v.astype(np.float32) for k, v in load_weights(path, spec).items()}, spec, ctranslate2_dir(model)
 
 
+def random_weights(spec, seed: int = 0) -> dict[str, np.ndarray]:
+    """openai-whisper's own random initialisation of `spec`'s dimensions, seeded: the
+    same weights for every system, for sizes no package carries."""
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    torch.manual_seed(seed)
+    model = Whisper(ModelDimensions(**spec.dims))
+    with torch.no_grad():  # left as torch.empty by openai-whisper: uninitialised memory
+        model.decoder.positional_embedding.normal_(0.0, 0.02)
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _random_model(spec, device: str, dtype: str):
+    """Our model on `random_weights`, with the installed package's tokenizer that fits
+    (English-only or multilingual): the forced workload needs only its special tokens."""
+    from .model import Whisper
+    from .registry import package_files
+
+    return Whisper(spec, random_weights(spec), package_files("base" if spec.vocab.multilingual else "tiny.en")[1],
+                   device=device, dtype=dtype)
+
+
 # --- forced-token workload -------------------------------------------------------------
 
 def forced_maxwhisper(m, mel: np.ndarray, prompt: list[int], n: int, eot: int) -> np.ndarray:
@@ -108,7 +134,7 @@ def forced_openai(model, torch, mel, prompt, n, eot):
     try:
         with torch.no_grad():
             features = model.embed_audio(mel)
-            tokens = torch.tensor([prompt] * len(mel))
+            tokens = torch.tensor([prompt] * len(mel), device=mel.device)
             out = []
             logits = model.decoder(tokens, features, kv_cache=cache)
             for _ in range(n):
@@ -118,7 +144,7 @@ def forced_openai(model, torch, mel, prompt, n, eot):
                 out.append(nxt)
                 if len(out) < n:
                     logits = model.decoder(nxt, features, kv_cache=cache)
-            return torch.cat(out, 1).numpy()
+            return torch.cat(out, 1).cpu().numpy()
     finally:
         for h in hooks:
             h.remove()
@@ -127,7 +153,8 @@ def forced_openai(model, torch, mel, prompt, n, eot):
 def forced_hf(model, torch, mel, prompt, n, eot):
     with torch.no_grad():
         enc = model.model.encoder(mel)
-        out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel)), use_cache=True)
+        out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel), device=mel.device),
+                    use_cache=True)
         tokens = []
         for _ in range(n):
             last = out.logits[:, -1].clone()
@@ -137,7 +164,7 @@ def forced_hf(model, torch, mel, prompt, n, eot):
             if len(tokens) < n:
                 out = model(encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=out.past_key_values,
                             use_cache=True)
-        return torch.cat(tokens, 1).numpy()
+        return torch.cat(tokens, 1).cpu().numpy()
 
 
 def forced_ct2(model, ct2, mel, prompt, n, eot):
@@ -150,16 +177,27 @@ def forced_ct2(model, ct2, mel, prompt, n, eot):
 
 # --- peers -------------------------------------------------------------------------------
 
-def _openai_model(weights, spec):
+def _on(model, torch, device: str):
+    """A PyTorch peer where ours runs: the CPU in float32, or CUDA in float16 (the
+    precision openai-whisper and transformers use on GPUs)."""
+    return model.to("cuda").half() if device == "gpu" else model
+
+
+def _torch_input(torch, mel: np.ndarray, device: str):
+    x = torch.from_numpy(mel)
+    return x.to("cuda").half() if device == "gpu" else x
+
+
+def _openai_model(weights, spec, device: str = "cpu"):
     import torch
     from whisper.model import ModelDimensions, Whisper
 
     model = Whisper(ModelDimensions(**spec.dims)).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    return model, torch
+    return _on(model, torch, device), torch
 
 
-def _hf_model(weights, spec):
+def _hf_model(weights, spec, device: str = "cpu"):
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -174,7 +212,7 @@ def _hf_model(weights, spec):
         ours = rename(name)
         state[name] = torch.from_numpy(weights[ours if ours else "decoder.token_embedding.weight"])
     model.load_state_dict(state)
-    return model, torch
+    return _on(model, torch, device), torch
 
 
 def _ct2_model(directory: Path, compute_type, threads):
@@ -199,24 +237,38 @@ _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
         peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1,
-        dtype: str | tuple[str, ...] = "auto", greedy: str = "auto") -> dict:
+        dtype: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package") -> dict:
     """`dtype`: one of our precisions, or several: one row each, the first the baseline
-    of the ratio column."""
+    of the ratio column. `weights`: 'package' (the named model's installed weights) or
+    'random' (openai-whisper's seeded initialisation of the spec; forced workload only)."""
     from . import load_model
     from .audio import log_mel_spectrogram
+    from .spec import load_spec
 
+    if weights not in ("package", "random"):
+        raise ValueError(f"weights must be 'package' or 'random', found {weights!r}")
+    if weights == "random" and workload != "forced":
+        raise ValueError(f"--weights random fits the forced workload only: the {workload} workload transcribes "
+                         "speech, which random weights cannot")
     threads = threads or os.cpu_count()
     ours_all = []  # (row name, model, load seconds)
     for d in ([dtype] if isinstance(dtype, str) else list(dtype)):
         t = time.perf_counter()
-        m = load_model(model, device=device, dtype=d)
+        m = load_model(model, device=device, dtype=d) if weights == "package" else _random_model(
+            load_spec(model), device, d)
         load = time.perf_counter() - t
         if greedy != "auto":
             m.runtime.greedy_on_device = greedy == "device"
         loop = "device loop" if m.runtime.greedy_on_device else "host loop"
         ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.dtype]}, {loop})", m, load))
     ours = ours_all[0][1]
-    weights, spec, ct2_dir = _weights(model)
+    if weights == "random":
+        spec, ct2_dir = ours.spec, None
+        weights = random_weights(spec)
+    else:
+        weights, spec, ct2_dir = _weights(model)
+    device = ours.device
+    torch_kind = "cuda, fp16" if device == "gpu" else "cpu, fp32"
     tok = ours.tokenizer
     # Text tokens only: no timestamp rules, which the systems implement differently.
     prompt = (tok.sot_sequence if not tok.multilingual else tok.with_language("en").sot_sequence) + [tok.no_timestamps]
@@ -236,7 +288,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 t = time.perf_counter()
                 m, lib = make(*make_args)
                 loaded = time.perf_counter() - t
-                arg = mel if forced is forced_ct2 else lib.from_numpy(mel)
+                arg = mel if forced is forced_ct2 else _torch_input(lib, mel, device)
                 med, ts, o = _timed(lambda: forced(m, lib, arg, prompt, tokens, eot), repeats)
                 if np.asarray(o).shape != (batch, tokens):
                     return Row(system, skipped=f"generated {np.asarray(o).shape} tokens, not {(batch, tokens)}")
@@ -244,12 +296,14 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
             rows.append(_attempt(system, go))
 
         if "openai-whisper" in peers:
-            peer("openai-whisper (PyTorch, cpu, fp32)", _openai_model, forced_openai, weights, spec)
+            peer(f"openai-whisper (PyTorch, {torch_kind})", _openai_model, forced_openai, weights, spec, device)
         if "transformers" in peers:
-            peer("transformers (eager, SDPA, cpu, fp32)", _hf_model, forced_hf, weights, spec)
-        if "faster-whisper" in peers:
+            peer(f"transformers (eager, SDPA, {torch_kind})", _hf_model, forced_hf, weights, spec, device)
+        if "faster-whisper" in peers and ct2_dir is None:
+            rows.append(Row("CTranslate2", skipped="runs converted checkpoints only; random weights have none"))
+        elif "faster-whisper" in peers:
             for ct in ("float32", "int8"):
-                peer(f"CTranslate2 ({ct}, {threads} threads)", _ct2_model, forced_ct2, ct2_dir, ct, threads)
+                peer(f"CTranslate2 ({ct}, {threads} threads, cpu)", _ct2_model, forced_ct2, ct2_dir, ct, threads)
     elif workload == "speech":
         audio = speech_audio(seconds)
         duration = len(audio) / 16000
@@ -262,12 +316,12 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 import whisper
 
                 t = time.perf_counter()
-                m, _ = _openai_model(weights, spec)
+                m, _ = _openai_model(weights, spec, device)
                 loaded = time.perf_counter() - t
-                med, ts, o = _timed(lambda: whisper.transcribe(m, audio, temperature=0.0, fp16=False, beam_size=beam,
-                                                               language="en", verbose=None), repeats)
-                return Row("openai-whisper (PyTorch, cpu, fp32)", med, ts, loaded, text=o["text"].strip())
-            rows.append(_attempt("openai-whisper (PyTorch, cpu, fp32)", openai_speech))
+                med, ts, o = _timed(lambda: whisper.transcribe(m, audio, temperature=0.0, fp16=device == "gpu",
+                                                               beam_size=beam, language="en", verbose=None), repeats)
+                return Row(f"openai-whisper (PyTorch, {torch_kind})", med, ts, loaded, text=o["text"].strip())
+            rows.append(_attempt(f"openai-whisper (PyTorch, {torch_kind})", openai_speech))
         if "transformers" in peers:
             rows.append(Row("transformers", skipped="long-form generate() needs the checkpoint's Hub "
                                                     "generation_config, which is not reachable here"))
@@ -302,6 +356,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 machine=f"{platform.machine()}, {os.cpu_count()} cores", date=str(date.today()),
                 versions={p: _version(p) for p in ("max", "torch", "openai-whisper", "transformers",
                                                    "faster-whisper", "ctranslate2")},
+                weights="random (openai-whisper init, seed 0)" if ct2_dir is None else "package",
                 rows=[asdict(r) for r in rows])
 
 
@@ -385,7 +440,7 @@ def chart(report: dict, path: str | Path) -> None:
 
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
-                 args.threads, tuple(args.peers), args.beam_size, tuple(args.dtype), args.greedy)
+                 args.threads, tuple(args.peers), args.beam_size, tuple(args.dtype), args.greedy, args.weights)
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -403,6 +458,9 @@ def add_arguments(p) -> None:
     p.add_argument("--greedy", default="auto", choices=["auto", "device", "host"],
                    help="where our greedy loop runs (auto: the device's loop on a GPU, the host's on the CPU)")
     p.add_argument("--workload", default="forced", choices=["forced", "speech", "startup"])
+    p.add_argument("--weights", default="package", choices=["package", "random"],
+                   help="package: the named model's installed weights; random: openai-whisper's seeded "
+                        "initialisation of any spec (forced workload), e.g. --model small")
     p.add_argument("--batch", type=int, default=1, help="windows decoded together (forced workload)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per window (forced workload)")
     p.add_argument("--seconds", type=float, default=30.0, help="speech length (speech workload)")

@@ -58,3 +58,29 @@ def test_several_precisions_one_row_each(model_cache):
     assert [r["system"] for r in report["rows"]] == ["maxwhisper (cpu, fp32, host loop)",
                                                      "maxwhisper (cpu, q4_0, host loop)"]
     assert report["dtypes"] == ["float32", "q4_0"] and all(r["tokens"] == 4 for r in report["rows"])
+
+
+def test_random_weights_are_the_same_weights_for_every_system(model_cache):
+    """--weights random (sizes no package carries, e.g. small): ours and the PyTorch
+    peers run openai-whisper's seeded initialisation and produce the same tokens;
+    CTranslate2, which needs a converted checkpoint, says why it cannot run."""
+    from maxwhisper.spec import load_spec
+
+    spec = load_spec("tiny.en")
+    ours = bench._random_model(spec, "cpu", "float32")
+    tok = ours.tokenizer
+    prompt = tok.sot_sequence + [tok.no_timestamps]
+    mel = log_mel_spectrogram(bench.speech_audio(30.0), spec.audio)[None, :, : spec.audio.n_frames]
+    mel = np.ascontiguousarray(mel, np.float32)
+    got = bench.forced_maxwhisper(ours, mel, prompt, 6, tok.eot)
+    model, torch = bench._openai_model(bench.random_weights(spec), spec)
+    np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 6, tok.eot), got)
+
+    report = bench.run("tiny.en", weights="random", workload="forced", tokens=4, repeats=1, dtype="float32",
+                       peers=("openai-whisper", "faster-whisper"))
+    rows = {r["system"]: r for r in report["rows"]}
+    assert rows["maxwhisper (cpu, fp32, host loop)"]["tokens"] == rows["openai-whisper (PyTorch, cpu, fp32)"]["tokens"] == 4
+    assert "random weights have none" in rows["CTranslate2"]["skipped"]
+    assert report["weights"].startswith("random")
+    with pytest.raises(ValueError, match="forced workload only"):
+        bench.run("tiny.en", weights="random", workload="speech")
