@@ -80,15 +80,25 @@ class Weights:
     def matmul(self, x: TensorValue, name: str) -> TensorValue:
         """x (..., in) @ the matrix `name` -> (..., out)."""
         if name not in self.quantized:
-            return x @ self(name)  # bound as (in, out)
+            return _matmul(x, self(name))  # bound as (in, out)
         q = name + Q4_0_SUFFIX
         n_out, n_in = self.manifest[name].shape  # Q4_0 keeps the checkpoint's (out, in) rows
         if q not in self.declared:
             shape = (q4_0_rows(n_out), n_in // Q4_0_BLOCK * Q4_0_BYTES)
             self.declared[q] = self.graph.add_weight(Weight(
                 q, DType.uint8, shape, self.device, quantization_encoding=QuantizationEncoding.Q4_0)).tensor
-        y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x, self.declared[q])
-        return y if q4_0_rows(n_out) == n_out else y[..., :n_out]
+        *lead, _ = x.shape
+        y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x.reshape([-1, n_in]), self.declared[q])
+        return (y if q4_0_rows(n_out) == n_out else y[:, :n_out]).reshape([*lead, n_out])
+
+
+def _matmul(x: TensorValue, w: TensorValue) -> TensorValue:
+    """x (..., in) @ w (in, out) as one 2-D product. MAX 26.7's CPU matmul of a 3-D
+    activation with a symbolic batch, fed by fused ops (the conv stem's im2col),
+    accumulated bfloat16 in bfloat16: conv1 strayed 2.7e-2 from float32 against 3.8e-3
+    flattened (the rounding of its inputs), and the encoder 2.2e-1 by its last block."""
+    *lead, n_in = x.shape
+    return (x.reshape([-1, n_in]) @ w).reshape([*lead, w.shape[1]])
 
 
 def _linear(w: Weights, prefix: str, x: TensorValue, bias: bool = True) -> TensorValue:
@@ -109,20 +119,21 @@ def _heads(x: TensorValue, n_head: int) -> TensorValue:
     return x.reshape([b, t, n_head, int(d) // n_head]).transpose(1, 2)
 
 
-def _bmm(a: TensorValue, b: TensorValue) -> TensorValue:
-    """Batched matmul. MAX 26.7's CPU batched matmul accumulates float16 in float16 (1500
-    keys: 5.4e-3 relative error against 2.0e-4 accumulating in float32), so on the CPU
-    the attention products of a low-precision model run in float32; GPU matmuls
-    accumulate in float32 and keep the model dtype."""
-    if a.dtype != DType.float32 and a.device == DeviceRef.CPU():
-        return (a.cast(DType.float32) @ b.cast(DType.float32)).cast(a.dtype)
-    return a @ b
+def _bmm(a: TensorValue, b: TensorValue, out: DType) -> TensorValue:
+    """Batched a @ b, given in `out`. MAX 26.7's CPU batched matmul accumulates float16 in
+    float16 (1500 keys: 5.4e-3 relative error against 2.0e-4 in float32), so on the CPU
+    the attention products of a low-precision model run in float32, and the float32
+    scores and probabilities go in and come out unrounded. GPU matmuls accumulate in
+    float32: there the operands take the model dtype (`b`'s)."""
+    if a.device == DeviceRef.CPU():
+        return (a.cast(DType.float32) @ b.cast(DType.float32)).cast(out)
+    return (a.cast(b.dtype) @ b).cast(out)
 
 
 def _scores(q: TensorValue, k: TensorValue, n_head: int) -> TensorValue:
     """(B, H, T, S) float32 scaled dot products of (B, T, D) queries and (B, S, D) keys."""
     scale = 1.0 / math.sqrt(int(q.shape[2]) // n_head)
-    return _bmm(_heads(q, n_head), ops.transpose(_heads(k, n_head), 2, 3)).cast(DType.float32) * scale
+    return _bmm(_heads(q, n_head), ops.transpose(_heads(k, n_head), 2, 3), DType.float32) * scale
 
 
 def _attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
@@ -132,8 +143,7 @@ def _attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
     scores = _scores(q, k, n_head)
     if mask is not None:
         scores = scores + mask
-    weights = ops.softmax(scores).cast(q.dtype)
-    return _bmm(weights, _heads(v, n_head)).transpose(1, 2).reshape([b, t, d])
+    return _bmm(ops.softmax(scores), _heads(v, n_head), q.dtype).transpose(1, 2).reshape([b, t, d])
 
 
 def _conv1d(w: Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
@@ -149,7 +159,7 @@ def _conv1d(w: Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
     cols = ops.concat(cols, axis=2) if kernel > 1 else cols[0]
     # Column index k * C_in + c matches the weight laid out as (K, C_in, C_out).
     weight = ops.permute(weight, [2, 1, 0]).reshape([kernel * int(c), c_out])
-    return cols @ weight + w(f"{prefix}.bias")
+    return _matmul(cols, weight) + w(f"{prefix}.bias")
 
 
 def _activation(name: str, x: TensorValue) -> TensorValue:
