@@ -61,13 +61,12 @@ def q4_0_rows(n: int) -> int:
 
 class Weights:
     """Declares graph weights on first use, with the manifest's shape (matrices
-    transposed, see `bound_transposed`) and one dtype. Names in `quantized` are bound
-    a second way too, as Q4_0 blocks under `name + ".q4_0"`, which `matmul` uses."""
+    transposed, see `bound_transposed`) and one dtype. With `quantized`, the
+    `quantized_matrices` are bound as Q4_0 blocks under `name + ".q4_0"`, which `matmul` uses."""
 
-    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef,
-                 quantized: frozenset[str] = frozenset()):
+    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef, quantized: bool = False):
         self.graph, self.manifest, self.dtype, self.device = graph, manifest(spec), dtype, device
-        self.quantized = quantized
+        self.quantized = frozenset(quantized_matrices(spec)) if quantized else frozenset()
         self.declared: dict[str, TensorValue] = {}
 
     def __call__(self, name: str) -> TensorValue:
@@ -303,7 +302,7 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     qks = []
     name = f"{spec.name}_decoder" + ("_alignment" if heads_by_layer else "") + ("_q4_0" if quantized else "")
     with Graph(name, input_types=types, module=module) as g:
-        w = Weights(g, spec, dtype, device, frozenset(quantized_matrices(spec)) if quantized else frozenset())
+        w = Weights(g, spec, dtype, device, quantized)
         tokens, order, self_k, self_v, cross_k, cross_v, logits_at = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, Module, TensorType, TensorValue, ops
 
-from .builder import Weights, decoder_layers, embed_tokens, quantized_matrices
+from .builder import Weights, decoder_layers, embed_tokens
 from .spec import ModelSpec
 
 NONE = -1  # "no token yet" in the last/previous-token state
@@ -94,7 +94,7 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType =
              TensorType(f32, [V], device),
              TensorType(i64, [], cpu)]
     with Graph(f"{spec.name}_greedy" + ("_q4_0" if quantized else ""), input_types=types, module=module) as g:
-        w = Weights(g, spec, dtype, device, frozenset(quantized_matrices(spec)) if quantized else frozenset())
+        w = Weights(g, spec, dtype, device, quantized)
         logits0, prompt_k, prompt_v, cross_k, cross_v, suppress, begin, max_new = (v.tensor for v in g.inputs)
         b, p0 = logits0.shape[0], prompt_k.shape[2]
         ids = ops.range(0, V, 1, out_dim=V, dtype=i64, device=device).reshape([1, V])
