@@ -23,18 +23,16 @@ from __future__ import annotations
 import math
 
 from max.dtype import DType
-from max.graph import DeviceRef, Graph, Module, TensorType, TensorValue, Weight, ops
+from max.graph import DeviceRef, Graph, Module, StaticDim, TensorType, TensorValue, Weight, ops
 from max.graph.quantization import QuantizationEncoding
 
 from .manifest import manifest
 from .spec import SUBLAYER_PREFIX, ModelSpec
 
 
-def bound_transposed(name: str, shape) -> bool:
-    """Matrices (linear weights, the token embedding) are bound to the graph as their
-    transpose, (in, out): a matmul against a transposed view cost 7.8 ms against 4.4 ms
-    for the (1, 384) x (384, 51864) logits on CPU (MAX 26.7). One name, one tensor; the
-    layout is the runtime's business (`CompiledWhisper` transposes when it binds)."""
+def is_matrix(name: str, shape) -> bool:
+    """Linear weights and the token embedding: bound in the checkpoint's (out, in) layout
+    and multiplied by `_matmul`, or as Q4_0 blocks."""
     return name.endswith(".weight") and len(shape) == 2
 
 
@@ -50,8 +48,16 @@ def quantized_matrices(spec: ModelSpec) -> list[str]:
     most of it). The encoder, run once per window and bound by arithmetic, and the cross
     K/V projections it holds stay float32."""
     return [name for name, info in manifest(spec).items()
-            if name.startswith("decoder.") and bound_transposed(name, info.shape)
+            if name.startswith("decoder.") and is_matrix(name, info.shape)
             and ".cross_attn.key." not in name and ".cross_attn.value." not in name]
+
+
+def float_weights(spec: ModelSpec, quantized: bool) -> list[str]:
+    """The names the graphs bind in the model's float dtype: all of them, or under q4_0
+    all but the quantized matrices, save the token embedding, which the embedding lookup
+    still gathers from."""
+    skip = set(quantized_matrices(spec)) - {"decoder.token_embedding.weight"} if quantized else set()
+    return [name for name in manifest(spec) if name not in skip]
 
 
 def q4_0_rows(n: int) -> int:
@@ -60,44 +66,65 @@ def q4_0_rows(n: int) -> int:
 
 
 class Weights:
-    """Declares graph weights on first use, with the manifest's shape (matrices
-    transposed, see `bound_transposed`) and one dtype. With `quantized`, the
-    `quantized_matrices` are bound as Q4_0 blocks under `name + ".q4_0"`, which `matmul` uses."""
+    """Declares graph weights on first use, with the manifest's (the checkpoint's) shape
+    and one dtype. With `quantized`, the `quantized_matrices` are bound as Q4_0 blocks
+    under `name + ".q4_0"`, which `matmul` uses. `single_row`: see `_matmul`."""
 
-    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef, quantized: bool = False):
+    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef, quantized: bool = False,
+                 single_row: bool = True):
         self.graph, self.manifest, self.dtype, self.device = graph, manifest(spec), dtype, device
+        self.single_row = single_row
         self.quantized = frozenset(quantized_matrices(spec)) if quantized else frozenset()
         self.declared: dict[str, TensorValue] = {}
 
     def __call__(self, name: str) -> TensorValue:
         if name not in self.declared:  # a tied weight is used twice but declared once
             shape = tuple(self.manifest[name].shape)
-            shape = shape[::-1] if bound_transposed(name, shape) else shape
             self.declared[name] = self.graph.add_weight(Weight(name, self.dtype, shape, self.device)).tensor
         return self.declared[name]
 
     def matmul(self, x: TensorValue, name: str) -> TensorValue:
-        """x (..., in) @ the matrix `name` -> (..., out)."""
+        """x (..., in) @ the matrix `name`.T -> (..., out)."""
         if name not in self.quantized:
-            return _matmul(x, self(name))  # bound as (in, out)
+            return _matmul(x, self(name), self.single_row)
+        n_out, n_in = self.manifest[name].shape
+        *lead, _ = x.shape
+        y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x.reshape([-1, n_in]), self.blocks(name))
+        return (y if q4_0_rows(n_out) == n_out else y[:, :n_out]).reshape([*lead, n_out])
+
+    def blocks(self, name: str) -> TensorValue:
+        """The Q4_0 blocks of matrix `name`, (rows padded to 32, bytes per row)."""
         q = name + Q4_0_SUFFIX
-        n_out, n_in = self.manifest[name].shape  # Q4_0 keeps the checkpoint's (out, in) rows
         if q not in self.declared:
+            n_out, n_in = self.manifest[name].shape
             shape = (q4_0_rows(n_out), n_in // Q4_0_BLOCK * Q4_0_BYTES)
             self.declared[q] = self.graph.add_weight(Weight(
                 q, DType.uint8, shape, self.device, quantization_encoding=QuantizationEncoding.Q4_0)).tensor
-        *lead, _ = x.shape
-        y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x.reshape([-1, n_in]), self.declared[q])
-        return (y if q4_0_rows(n_out) == n_out else y[:, :n_out]).reshape([*lead, n_out])
+        return self.declared[q]
 
 
-def _matmul(x: TensorValue, w: TensorValue) -> TensorValue:
-    """x (..., in) @ w (in, out) as one 2-D product. MAX 26.7's CPU matmul of a 3-D
-    activation with a symbolic batch, fed by fused ops (the conv stem's im2col),
+def _matmul(x: TensorValue, w: TensorValue, single_row: bool = True) -> TensorValue:
+    """x (..., in) @ w.T for w (out, in), as one 2-D product. MAX 26.7's CPU matmul of a
+    3-D activation with a symbolic batch, fed by fused ops (the conv stem's im2col),
     accumulated bfloat16 in bfloat16: conv1 strayed 2.7e-2 from float32 against 3.8e-3
-    flattened (the rounding of its inputs), and the encoder 2.2e-1 by its last block."""
+    flattened (the rounding of its inputs), and the encoder 2.2e-1 by its last block.
+
+    On the CPU a single row (a greedy step of one window) goes through w @ x.T instead:
+    MAX takes its matrix-vector kernel over w's contiguous rows, 1.7x faster for the
+    tiny.en logits, while for two rows or more that form is slower than x @ w.T.
+    `single_row=False` leaves that choice out of the graph."""
     *lead, n_in = x.shape
-    return (x.reshape([-1, n_in]) @ w).reshape([*lead, w.shape[1]])
+    x = x.reshape([-1, n_in])
+    n_out = w.shape[0]
+    rows = x.shape[0]
+    if not single_row or x.device != DeviceRef.CPU() or any(isinstance(d, StaticDim) and int(d) > 1 for d in lead):
+        y = x @ w.transpose(0, 1)
+    else:
+        one_row = ops.shape_to_tensor([rows]).reshape([]) == ops.constant(1, DType.int64, DeviceRef.CPU())
+        y = ops.cond(one_row, [TensorType(x.dtype, [rows, n_out], DeviceRef.CPU())],
+                     lambda: (w @ x.transpose(0, 1)).transpose(0, 1),
+                     lambda: x @ w.transpose(0, 1))[0].tensor
+    return y.reshape([*lead, n_out])
 
 
 def _linear(w: Weights, prefix: str, x: TensorValue, bias: bool = True) -> TensorValue:
@@ -150,14 +177,14 @@ def _conv1d(w: Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
     """Conv1d on (B, L, C) as im2col + one matmul: the same on CPU and GPU, and clear of
     the CPU conv2d padding bug (modular issue 6461)."""
     b, length, c = x.shape
-    weight = w(f"{prefix}.weight")  # (C_out, C_in, K), the checkpoint layout
+    weight = w(f"{prefix}.weight")  # (C_out, C_in, K)
     c_out = weight.shape[0]
     out_len = (int(length) + 2 * padding - kernel) // stride + 1
     x = ops.pad(x, [0, 0, padding, padding, 0, 0])
     cols = [x[:, k: k + stride * (out_len - 1) + 1: stride, :] for k in range(kernel)]
     cols = ops.concat(cols, axis=2) if kernel > 1 else cols[0]
-    # Column index k * C_in + c matches the weight laid out as (K, C_in, C_out).
-    weight = ops.permute(weight, [2, 1, 0]).reshape([kernel * int(c), c_out])
+    # Column index k * C_in + c matches the weight laid out as (C_out, K, C_in).
+    weight = ops.permute(weight, [0, 2, 1]).reshape([c_out, kernel * int(c)])
     return _matmul(cols, weight) + w(f"{prefix}.bias")
 
 
@@ -234,9 +261,8 @@ def alignment_heads(spec: ModelSpec) -> list[tuple[int, int]]:
 
 
 def embed_tokens(w: Weights, tokens: TensorValue) -> TensorValue:
-    """(B, T) token ids -> (B, T, D). The embedding is bound (D, V): gather columns, then
-    put D last."""
-    return ops.permute(ops.gather(w("decoder.token_embedding.weight"), tokens, axis=1), [1, 2, 0])
+    """(B, T) token ids -> (B, T, D): rows of the (V, D) embedding."""
+    return ops.gather(w("decoder.token_embedding.weight"), tokens, axis=0)
 
 
 def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k: TensorValue,

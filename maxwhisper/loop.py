@@ -94,7 +94,10 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType =
              TensorType(f32, [V], device),
              TensorType(i64, [], cpu)]
     with Graph(f"{spec.name}_greedy" + ("_q4_0" if quantized else ""), input_types=types, module=module) as g:
-        w = Weights(g, spec, dtype, device, quantized)
+        # MAX 26.7 cannot verify the single-row ops.cond of builder._matmul inside a
+        # while_loop body ("operand does not dominate this use"); this loop is the
+        # accelerator's greedy decode, where that CPU choice does not apply anyway.
+        w = Weights(g, spec, dtype, device, quantized, single_row=False)
         logits0, prompt_k, prompt_v, cross_k, cross_v, suppress, begin, max_new = (v.tensor for v in g.inputs)
         b, p0 = logits0.shape[0], prompt_k.shape[2]
         ids = ops.range(0, V, 1, out_dim=V, dtype=i64, device=device).reshape([1, V])

@@ -20,9 +20,10 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Module
 
-from .builder import (Q4_0_BLOCK, Q4_0_SUFFIX, bound_transposed, decoder_graph, encoder_graph, q4_0_rows,
+from .builder import (Q4_0_BLOCK, Q4_0_SUFFIX, decoder_graph, encoder_graph, float_weights, q4_0_rows,
                       quantized_matrices, select_graph)
 from .spec import ModelSpec
+from .weights import check_arrays
 
 DTYPES = {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16}
 # q4_0: the decoder's matrices in 4-bit blocks, everything else float32 (CPU only).
@@ -62,9 +63,8 @@ def bfloat16_bits(a: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def weight_array(name: str, a: np.ndarray, dtype: DType) -> np.ndarray | Buffer:
-    """A checkpoint tensor as the graph binds it: matrices transposed, in `dtype`."""
-    a = a.T if bound_transposed(name, a.shape) else a
+def weight_array(a: np.ndarray, dtype: DType) -> np.ndarray | Buffer:
+    """A checkpoint tensor as the graph binds it: in its own layout, in `dtype`."""
     if dtype == DType.bfloat16:
         return Buffer.from_numpy(bfloat16_bits(a)).view(DType.bfloat16, list(a.shape))
     return np.ascontiguousarray(a, dtype=np.float16 if dtype == DType.float16 else np.float32)
@@ -107,7 +107,8 @@ class CompiledWhisper:
         self.precision = "q4_0" if self.quantized else next(k for k, v in DTYPES.items() if v == self.dtype)
         self.device = Accelerator() if self.device_name == "gpu" else CPU()
         self._ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
-        self._registry = {k: weight_array(k, v, self.dtype) for k, v in weights.items()}
+        check_arrays(spec, weights, "weights given to CompiledWhisper")
+        self._registry = {k: weight_array(weights[k], self.dtype) for k in float_weights(spec, self.quantized)}
         if self.quantized:
             self._registry.update({k + Q4_0_SUFFIX: q4_0_blocks(k, weights[k]) for k in quantized_matrices(spec)})
         self._session = InferenceSession(devices=[self.device])

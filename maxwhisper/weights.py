@@ -55,6 +55,11 @@ def check_tensors(spec: ModelSpec, shapes: Mapping[str, tuple[tuple[int, ...], s
                                f"{sorted(FLOAT_DTYPES)}")
 
 
+def check_arrays(spec: ModelSpec, tensors: Mapping[str, np.ndarray], source: str) -> None:
+    """`check_tensors` for arrays in memory."""
+    check_tensors(spec, {k: (tuple(v.shape), _dtype_name(v)) for k, v in tensors.items()}, source)
+
+
 def _open(path: str | Path):
     try:
         return safe_open(str(path), framework="numpy")
@@ -82,8 +87,7 @@ def save_weights(path: str | Path, tensors: Mapping[str, np.ndarray], spec: Mode
                  source: str, **metadata: str) -> Path:
     """Check against the spec, then write; the spec travels in the file's metadata."""
     tensors = {**{k: v for k, v in derived_tensors(spec).items() if k not in tensors}, **tensors}
-    shapes = {k: (tuple(v.shape), _dtype_name(v)) for k, v in tensors.items()}
-    check_tensors(spec, shapes, source)
+    check_arrays(spec, tensors, source)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"maxwhisper.spec": spec.name, "maxwhisper.dims": json.dumps(spec.dims), **metadata}

@@ -125,7 +125,9 @@ def test_alignment_head_scores(parity_case):
 
 def test_rows_reorder_and_drop_inside_the_step(parity_case):
     """A step's row order picks which cache row each output row continues: reversing,
-    repeating or dropping rows gives exactly the logits of those rows."""
+    repeating or dropping rows gives the logits of those rows, bit for bit while two or
+    more rows remain; one row alone takes the CPU's matrix-vector kernel (builder._matmul),
+    which sums in another order."""
     name, spec, ref, compiled, mel, tokens = parity_case
     _, ck, cv = compiled.encode(mel)[:3]
     _, state, _ = compiled.decode(tokens[:, :6], compiled.start(ck, cv))
@@ -134,7 +136,10 @@ def test_rows_reorder_and_drop_inside_the_step(parity_case):
         sub = DecoderState(state.self_k, state.self_v, compiled.select(ck, order), compiled.select(cv, order),
                            state.length)
         got, new, _ = compiled.decode(tokens[order, 6:7], sub, order=order)
-        np.testing.assert_array_equal(got, want[order])
+        if len(order) > 1 or compiled.device_name != "cpu":
+            np.testing.assert_array_equal(got, want[order])
+        else:
+            np.testing.assert_allclose(got, want[order], rtol=0, atol=1e-5 * np.abs(want).max())
         assert new.self_k.shape[1] == len(order)
     with pytest.raises(ValueError, match="order must be"):
         compiled.decode(tokens[:, 6:7], state, order=[0, 2])
