@@ -85,17 +85,23 @@ def _weights(model: str) -> tuple[dict[str, np.ndarray], object, Path]:
     return {k: v.astype(np.float32) for k, v in load_weights(path, spec).items()}, spec, ctranslate2_dir(model)
 
 
-def random_weights(spec, seed: int = 0) -> dict[str, np.ndarray]:
-    """openai-whisper's own random initialisation of `spec`'s dimensions, seeded: the
-    same weights for every system, for sizes no package carries."""
+def openai_random_model(spec, seed: int = 0):
+    """openai-whisper's `Whisper` of `spec`'s dimensions with its own random
+    initialisation, seeded (torch and openai-whisper: benchmark and test dependencies)."""
     import torch
     from whisper.model import ModelDimensions, Whisper
 
     torch.manual_seed(seed)
-    model = Whisper(ModelDimensions(**spec.dims))
-    with torch.no_grad():  # left as torch.empty by openai-whisper: uninitialised memory
+    model = Whisper(ModelDimensions(**spec.dims)).eval()
+    with torch.no_grad():  # left as torch.empty by openai-whisper: uninitialised memory, even NaN
         model.decoder.positional_embedding.normal_(0.0, 0.02)
-    return {k: v.numpy() for k, v in model.state_dict().items()}
+    return model
+
+
+def random_weights(spec, seed: int = 0) -> dict[str, np.ndarray]:
+    """`openai_random_model`'s weights: the same for every system, for sizes no package
+    carries."""
+    return {k: v.numpy() for k, v in openai_random_model(spec, seed).state_dict().items()}
 
 
 def _random_model(spec, device: str, dtype: str):

@@ -46,14 +46,13 @@ def get_spec(name: str):
 
 
 def reference_model(spec, seed: int = 0):
-    """openai-whisper's Whisper with seeded random weights; layer norms perturbed too,
-    so that a swapped weight and bias cannot pass."""
-    torch, whisper_model = _reference_modules()
-    torch.manual_seed(seed)
-    model = whisper_model.Whisper(whisper_model.ModelDimensions(**spec.dims)).eval()
+    """openai-whisper's Whisper with seeded random weights (bench.openai_random_model);
+    layer norms perturbed too, so that a swapped weight and bias cannot pass."""
+    torch, _ = _reference_modules()
+    from maxwhisper.bench import openai_random_model
+
+    model = openai_random_model(spec, seed)
     with torch.no_grad():
-        # openai-whisper leaves this one as torch.empty: uninitialised memory, even NaN.
-        model.decoder.positional_embedding.copy_(0.02 * torch.randn_like(model.decoder.positional_embedding))
         for name, p in model.named_parameters():
             if "ln" in name.split(".")[-2]:
                 p.add_(0.1 * torch.randn_like(p))
