@@ -45,7 +45,8 @@ class Whisper:
 
     def transcribe_many(self, audios, batch_size: int = 8, **options) -> list[dict]:
         """Transcribe several files or sample arrays, up to `batch_size` decoded together;
-        results in input order, equal to transcribing each alone."""
+        results in input order, equal to transcribing each alone (on the CPU a lone row
+        takes a matrix-vector kernel, so logits agree to float rounding, not bit for bit)."""
         results = dict(transcribe_batch(self, (self._samples(a) for a in audios), batch_size=batch_size,
                                         **options))
         return [results[i] for i in range(len(results))]
