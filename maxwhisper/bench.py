@@ -104,14 +104,16 @@ def random_weights(spec, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in openai_random_model(spec, seed).state_dict().items()}
 
 
-def _random_model(spec, device: str, dtype: str):
-    """Our model on `random_weights`, with the installed package's tokenizer that fits
-    (English-only or multilingual): the forced workload needs only its special tokens."""
+def _random_model(spec, device: str, dtype: str, tokenizer: str | None = None):
+    """Our model on `random_weights`, with `tokenizer` (a tokenizer.json; default: the
+    installed package's that fits, English-only or multilingual): the forced workload
+    needs only its special tokens."""
     from .model import Whisper
     from .registry import package_files
 
-    return Whisper(spec, random_weights(spec), package_files("base" if spec.vocab.multilingual else "tiny.en")[1],
-                   device=device, dtype=dtype)
+    if tokenizer is None:
+        tokenizer = package_files("base" if spec.vocab.multilingual else "tiny.en")[1]
+    return Whisper(spec, random_weights(spec), tokenizer, device=device, dtype=dtype)
 
 
 # --- forced-token workload -------------------------------------------------------------
@@ -243,10 +245,12 @@ _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
         peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1,
-        dtype: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package") -> dict:
+        dtype: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
+        tokenizer: str | None = None) -> dict:
     """`dtype`: one of our precisions, or several: one row each, the first the baseline
     of the ratio column. `weights`: 'package' (the named model's installed weights) or
-    'random' (openai-whisper's seeded initialisation of the spec; forced workload only)."""
+    'random' (openai-whisper's seeded initialisation of the spec; forced workload only),
+    with `tokenizer`, a tokenizer.json for machines without the weight packages."""
     from . import load_model
     from .audio import log_mel_spectrogram
     from .spec import load_spec
@@ -256,12 +260,14 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
     if weights == "random" and workload != "forced":
         raise ValueError(f"--weights random fits the forced workload only: the {workload} workload transcribes "
                          "speech, which random weights cannot")
+    if tokenizer is not None and weights != "random":
+        raise ValueError("--tokenizer goes with --weights random: a package brings its own tokenizer.json")
     threads = threads or os.cpu_count()
     ours_all = []  # (row name, model, load seconds)
     for d in ([dtype] if isinstance(dtype, str) else list(dtype)):
         t = time.perf_counter()
         m = load_model(model, device=device, dtype=d) if weights == "package" else _random_model(
-            load_spec(model), device, d)
+            load_spec(model), device, d, tokenizer)
         load = time.perf_counter() - t
         if greedy != "auto":
             m.runtime.greedy_on_device = greedy == "device"
@@ -446,7 +452,8 @@ def chart(report: dict, path: str | Path) -> None:
 
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
-                 args.threads, tuple(args.peers), args.beam_size, tuple(args.dtype), args.greedy, args.weights)
+                 args.threads, tuple(args.peers), args.beam_size, tuple(args.dtype), args.greedy, args.weights,
+                 args.tokenizer)
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -467,6 +474,9 @@ def add_arguments(p) -> None:
     p.add_argument("--weights", default="package", choices=["package", "random"],
                    help="package: the named model's installed weights; random: openai-whisper's seeded "
                         "initialisation of any spec (forced workload), e.g. --model small")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json for --weights random (default: the installed tiny.en or base package's), "
+                        "for a machine without the weight packages")
     p.add_argument("--batch", type=int, default=1, help="windows decoded together (forced workload)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per window (forced workload)")
     p.add_argument("--seconds", type=float, default=30.0, help="speech length (speech workload)")

@@ -84,3 +84,20 @@ def test_random_weights_are_the_same_weights_for_every_system(model_cache):
     assert report["weights"].startswith("random")
     with pytest.raises(ValueError, match="forced workload only"):
         bench.run("tiny.en", weights="random", workload="speech")
+
+
+def test_random_weights_take_a_tokenizer_file(model_cache, tmp_path):
+    """A machine without the weight packages (the lent GPU) names a tokenizer.json."""
+    from maxwhisper.registry import package_files
+    from maxwhisper.tokenizer import TokenizerError
+
+    copy = tmp_path / "tokenizer.json"
+    copy.write_bytes(package_files("tiny.en")[1].read_bytes())
+    report = bench.run("tiny.en", weights="random", workload="forced", tokens=2, repeats=1, dtype="float32",
+                       peers=(), tokenizer=str(copy))
+    assert report["rows"][0]["tokens"] == 2
+    with pytest.raises(TokenizerError, match="missing.json: tokenizer.json not found"):
+        bench.run("tiny.en", weights="random", workload="forced", tokens=2, repeats=1, dtype="float32",
+                  peers=(), tokenizer=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="--tokenizer goes with --weights random"):
+        bench.run("tiny.en", workload="forced", tokenizer=str(copy))
