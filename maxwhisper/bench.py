@@ -104,7 +104,7 @@ def random_weights(spec, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in openai_random_model(spec, seed).state_dict().items()}
 
 
-def _random_model(spec, device: str, dtype: str, tokenizer: str | None = None):
+def _random_model(spec, weights: dict[str, np.ndarray], device: str, dtype: str, tokenizer: str | None = None):
     """Our model on `random_weights`, with `tokenizer` (a tokenizer.json; default: the
     installed package's that fits, English-only or multilingual): the forced workload
     needs only its special tokens."""
@@ -113,7 +113,7 @@ def _random_model(spec, device: str, dtype: str, tokenizer: str | None = None):
 
     if tokenizer is None:
         tokenizer = package_files("base" if spec.vocab.multilingual else "tiny.en")[1]
-    return Whisper(spec, random_weights(spec), tokenizer, device=device, dtype=dtype)
+    return Whisper(spec, weights, tokenizer, device=device, dtype=dtype)
 
 
 # --- forced-token workload -------------------------------------------------------------
@@ -263,20 +263,21 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
     if tokenizer is not None and weights != "random":
         raise ValueError("--tokenizer goes with --weights random: a package brings its own tokenizer.json")
     threads = threads or os.cpu_count()
+    # Drawn once: every row of ours and every PyTorch peer binds the same arrays.
+    drawn = random_weights(load_spec(model)) if weights == "random" else None
     ours_all = []  # (row name, model, load seconds)
     for d in ([dtype] if isinstance(dtype, str) else list(dtype)):
         t = time.perf_counter()
-        m = load_model(model, device=device, dtype=d) if weights == "package" else _random_model(
-            load_spec(model), device, d, tokenizer)
+        m = load_model(model, device=device, dtype=d) if drawn is None else _random_model(
+            load_spec(model), drawn, device, d, tokenizer)
         load = time.perf_counter() - t
         if greedy != "auto":
             m.runtime.greedy_on_device = greedy == "device"
         loop = "device loop" if m.runtime.greedy_on_device else "host loop"
         ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.dtype]}, {loop})", m, load))
     ours = ours_all[0][1]
-    if weights == "random":
-        spec, ct2_dir = ours.spec, None
-        weights = random_weights(spec)
+    if drawn is not None:
+        weights, spec, ct2_dir = drawn, ours.spec, None
     else:
         weights, spec, ct2_dir = _weights(model)
     device = ours.device

@@ -67,13 +67,14 @@ def test_random_weights_are_the_same_weights_for_every_system(model_cache):
     from maxwhisper.spec import load_spec
 
     spec = load_spec("tiny.en")
-    ours = bench._random_model(spec, "cpu", "float32")
+    weights = bench.random_weights(spec)
+    ours = bench._random_model(spec, weights, "cpu", "float32")
     tok = ours.tokenizer
     prompt = tok.sot_sequence + [tok.no_timestamps]
     mel = log_mel_spectrogram(bench.speech_audio(30.0), spec.audio)[None, :, : spec.audio.n_frames]
     mel = np.ascontiguousarray(mel, np.float32)
     got = bench.forced_maxwhisper(ours, mel, prompt, 6, tok.eot)
-    model, torch = bench._openai_model(bench.random_weights(spec), spec)
+    model, torch = bench._openai_model(weights, spec)
     np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 6, tok.eot), got)
 
     report = bench.run("tiny.en", weights="random", workload="forced", tokens=4, repeats=1, dtype="float32",
