@@ -104,7 +104,8 @@ def random_weights(spec, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in openai_random_model(spec, seed).state_dict().items()}
 
 
-def _random_model(spec, weights: dict[str, np.ndarray], device: str, dtype: str, tokenizer: str | None = None):
+def _random_model(spec, weights: dict[str, np.ndarray], device: str, dtype: str, tokenizer: str | None = None,
+                  attention: str = "unfused"):
     """Our model on `random_weights`, with `tokenizer` (a tokenizer.json; default: the
     installed package's that fits, English-only or multilingual): the forced workload
     needs only its special tokens."""
@@ -113,7 +114,7 @@ def _random_model(spec, weights: dict[str, np.ndarray], device: str, dtype: str,
 
     if tokenizer is None:
         tokenizer = package_files("base" if spec.vocab.multilingual else "tiny.en")[1]
-    return Whisper(spec, weights, tokenizer, device=device, dtype=dtype)
+    return Whisper(spec, weights, tokenizer, device=device, dtype=dtype, attention=attention)
 
 
 # --- forced-token workload -------------------------------------------------------------
@@ -246,9 +247,9 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
         peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1,
         dtype: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
-        tokenizer: str | None = None) -> dict:
+        tokenizer: str | None = None, attention: str | tuple[str, ...] = "unfused") -> dict:
     """`dtype`: one of our precisions, or several: one row each, the first the baseline
-    of the ratio column. `weights`: 'package' (the named model's installed weights) or
+    of the ratio column; `attention` likewise ('unfused', 'fused'), a row for each pair. `weights`: 'package' (the named model's installed weights) or
     'random' (openai-whisper's seeded initialisation of the spec; forced workload only),
     with `tokenizer`, a tokenizer.json for machines without the weight packages."""
     from . import load_model
@@ -266,15 +267,18 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
     # Drawn once: every row of ours and every PyTorch peer binds the same arrays.
     drawn = random_weights(load_spec(model)) if weights == "random" else None
     ours_all = []  # (row name, model, load seconds)
+    kernels = [attention] if isinstance(attention, str) else list(attention)
     for d in ([dtype] if isinstance(dtype, str) else list(dtype)):
-        t = time.perf_counter()
-        m = load_model(model, device=device, dtype=d) if drawn is None else _random_model(
-            load_spec(model), drawn, device, d, tokenizer)
-        load = time.perf_counter() - t
-        if greedy != "auto":
-            m.runtime.greedy_on_device = greedy == "device"
-        loop = "device loop" if m.runtime.greedy_on_device else "host loop"
-        ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.dtype]}, {loop})", m, load))
+        for a in kernels:
+            t = time.perf_counter()
+            m = load_model(model, device=device, dtype=d, attention=a) if drawn is None else _random_model(
+                load_spec(model), drawn, device, d, tokenizer, a)
+            load = time.perf_counter() - t
+            if greedy != "auto":
+                m.runtime.greedy_on_device = greedy == "device"
+            loop = "device loop" if m.runtime.greedy_on_device else "host loop"
+            fused = ", fused attention" if a == "fused" else ""
+            ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.dtype]}, {loop}{fused})", m, load))
     ours = ours_all[0][1]
     if drawn is not None:
         weights, spec, ct2_dir = drawn, ours.spec, None
@@ -356,12 +360,13 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows.append(_attempt(f"faster-whisper ({ct})", fw_speech))
     elif workload == "startup":
         duration = seconds
-        for system, code in _startup_scripts(model, device, [m.dtype for _, m, _ in ours_all], seconds, ct2_dir,
-                                             threads, peers):
+        kinds = [(m.dtype, m.runtime.attention) for _, m, _ in ours_all]
+        for system, code in _startup_scripts(model, device, kinds, seconds, ct2_dir, threads, peers):
             rows.append(_attempt(system, lambda system=system, code=code: _startup_row(system, code, repeats)))
     else:
         raise ValueError(f"workload must be 'forced', 'speech' or 'startup', found {workload!r}")
     return dict(model=model, device=ours.device, dtype=ours.dtype, dtypes=[m.dtype for _, m, _ in ours_all],
+                attention=[m.runtime.attention for _, m, _ in ours_all],
                 greedy_loop="device loop" if ours.runtime.greedy_on_device else "host loop", workload=workload,
                 batch=batch if workload == "forced" else 1,
                 beam_size=beam_size if workload == "speech" else None,
@@ -373,13 +378,16 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows=[asdict(r) for r in rows])
 
 
-def _startup_scripts(model, device, dtypes, seconds, ct2_dir, threads, peers):
+def _startup_scripts(model, device, kinds, seconds, ct2_dir, threads, peers):
     """Python programs that load a model and transcribe `seconds` of speech, each run in
-    a new process: what a user waits for (imports, load, compile cache, transcript)."""
+    a new process: what a user waits for (imports, load, compile cache, transcript).
+    `kinds`: our (dtype, attention) pairs, a program each."""
     clip = f"from maxwhisper.bench import speech_audio; audio = speech_audio({seconds})"
-    for dtype in dtypes:
-        yield (f"maxwhisper ({device}, {dtype})", f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, "
-               f"device={device!r}, dtype={dtype!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
+    for dtype, attention in kinds:
+        fused = ", fused attention" if attention == "fused" else ""
+        yield (f"maxwhisper ({device}, {dtype}{fused})",
+               f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, device={device!r}, "
+               f"dtype={dtype!r}, attention={attention!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
     if "faster-whisper" in peers:
         yield (f"faster-whisper (int8, {threads} threads)",
                f"{clip}\nfrom faster_whisper import WhisperModel\n"
@@ -454,7 +462,7 @@ def chart(report: dict, path: str | Path) -> None:
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
                  args.threads, tuple(args.peers), args.beam_size, tuple(args.dtype), args.greedy, args.weights,
-                 args.tokenizer)
+                 args.tokenizer, tuple(args.attention))
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -469,6 +477,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", nargs="+", default=["auto"], choices=["auto", *PRECISIONS],
                    help="our precision, or several (a row each; the first is the ratios' baseline). auto: "
                         "bfloat16 on a GPU, float32 on the CPU; q4_0: CPU, the decoder's matrices in 4 bits")
+    p.add_argument("--attention", nargs="+", default=["unfused"], choices=["unfused", "fused"],
+                   help="our attention kernels, or both (a row each with each --dtype). fused: MAX's "
+                        "flash-attention kernel, GPU only")
     p.add_argument("--greedy", default="auto", choices=["auto", "device", "host"],
                    help="where our greedy loop runs (auto: the device's loop on a GPU, the host's on the CPU)")
     p.add_argument("--workload", default="forced", choices=["forced", "speech", "startup"])

@@ -60,6 +60,21 @@ def float_weights(spec: ModelSpec, quantized: bool) -> list[str]:
     return [name for name in manifest(spec) if name not in skip]
 
 
+# How attention is computed. "unfused": softmax(QK^T)V as matmuls and a softmax, on any
+# device (MAX's CPU compiler fuses it itself). "fused": MAX's flash-attention kernel
+# (`mo.mha.no_cache`), which exists for GPUs only.
+ATTENTION = ("unfused", "fused")
+
+
+def check_attention(attention: str, device: DeviceRef) -> str:
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION))}, found {attention!r}")
+    if attention == "fused" and device == DeviceRef.CPU():
+        raise ValueError("attention 'fused' runs on a GPU only: MAX's flash-attention kernel has no CPU "
+                         "implementation; use 'unfused' on the CPU")
+    return attention
+
+
 def q4_0_rows(n: int) -> int:
     """Rows (outputs) of a matrix as bound in Q4_0: padded with zero rows to a multiple of 32."""
     return -(-n // Q4_0_BLOCK) * Q4_0_BLOCK
@@ -68,12 +83,14 @@ def q4_0_rows(n: int) -> int:
 class Weights:
     """Declares graph weights on first use, with the manifest's (the checkpoint's) shape
     and one dtype. With `quantized`, the `quantized_matrices` are bound as Q4_0 blocks
-    under `name + ".q4_0"`, which `matmul` uses. `single_row`: see `_matmul`."""
+    under `name + ".q4_0"`, which `matmul` uses. `single_row`: see `_matmul`. It also
+    carries the graph's attention kernel choice (`ATTENTION`), which `_attention` reads."""
 
     def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef, quantized: bool = False,
-                 single_row: bool = True):
+                 single_row: bool = True, attention: str = "unfused"):
         self.graph, self.manifest, self.dtype, self.device = graph, manifest(spec), dtype, device
         self.single_row = single_row
+        self.fused_attention = check_attention(attention, device) == "fused"
         self.quantized = frozenset(quantized_matrices(spec)) if quantized else frozenset()
         self.declared: dict[str, TensorValue] = {}
 
@@ -162,14 +179,36 @@ def _scores(q: TensorValue, k: TensorValue, n_head: int) -> TensorValue:
     return _bmm(_heads(q, n_head), ops.transpose(_heads(k, n_head), 2, 3), DType.float32) * scale
 
 
-def _attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
+def _attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
                mask: TensorValue | None = None) -> TensorValue:
-    """Scaled dot-product attention over (B, T, D) queries and (B, S, D) keys/values."""
+    """Scaled dot-product attention over (B, T, D) queries and (B, S, D) keys/values,
+    `mask` (T, S) or (1, S) added to the scores."""
+    if w.fused_attention:
+        return _flash_attention(q, k, v, n_head, mask)
     b, t, d = q.shape
     scores = _scores(q, k, n_head)
     if mask is not None:
         scores = scores + mask
     return _bmm(ops.softmax(scores), _heads(v, n_head), q.dtype).transpose(1, 2).reshape([b, t, d])
+
+
+def _flash_attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
+                     mask: TensorValue | None) -> TensorValue:
+    """`_attention` as one MAX flash-attention kernel (GPU only): heads split in place,
+    (B, T, H, D/H), no transposes, no score matrix in memory. A mask goes to the kernel
+    materialized per window, (B, T, S), as MAX's masked variant reads it."""
+    from max.nn.attention import MHAMaskVariant
+    from max.nn.kernels import flash_attention_gpu, masked_flash_attention_gpu
+
+    b, t, d = q.shape
+    width = int(d) // n_head
+    q4, k4, v4 = (x.reshape([x.shape[0], x.shape[1], n_head, width]) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(width)
+    if mask is None:
+        out = flash_attention_gpu(q4, k4, v4, MHAMaskVariant.NULL_MASK, scale)
+    else:
+        out = masked_flash_attention_gpu(q4, k4, v4, ops.broadcast_to(mask, [b, t, k.shape[1]]), scale)
+    return out.reshape([b, t, d])
 
 
 def _conv1d(w: Weights, prefix: str, x: TensorValue, kernel: int, stride: int,
@@ -210,14 +249,14 @@ def _causal_mask(t, p, device: DeviceRef) -> TensorValue:
 
 def encoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
                   device: DeviceRef | None = None, taps: bool = False,
-                  module: Module | None = None) -> tuple[Graph, list[str]]:
-    """Returns the graph and the names of its outputs, in order."""
+                  module: Module | None = None, attention: str = "unfused") -> tuple[Graph, list[str]]:
+    """Returns the graph and the names of its outputs, in order. `attention`: `ATTENTION`."""
     device = device or DeviceRef.CPU()
     enc, dec, eps = spec.encoder, spec.decoder, spec.norm_eps
     mel_type = TensorType(DType.float32, ["batch", spec.audio.n_mels, spec.audio.n_frames], device)
     names, extra = ["features", "cross_k", "cross_v"], []
     with Graph(f"{spec.name}_encoder", input_types=[mel_type], module=module) as g:
-        w = Weights(g, spec, dtype, device)
+        w = Weights(g, spec, dtype, device, attention=attention)
 
         def tap(name, x):
             if taps:
@@ -238,7 +277,7 @@ def encoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
                     x = x + _mlp(w, p, h)
                 else:
                     x = x + _linear(w, f"{p}.out", _attention(
-                        _linear(w, f"{p}.query", h), _linear(w, f"{p}.key", h, bias=False),
+                        w, _linear(w, f"{p}.query", h), _linear(w, f"{p}.key", h, bias=False),
                         _linear(w, f"{p}.value", h), enc.n_head))
             tap(f"encoder.blocks.{i}", x)
         x = _layer_norm(w, f"encoder.{enc.final_norm}", x, eps)
@@ -286,9 +325,9 @@ def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k
             q = _linear(w, f"{pre}.query", h)
             if kind == "self_attention":
                 k, v = self_kv(i, _linear(w, f"{pre}.key", h, bias=False), _linear(w, f"{pre}.value", h))
-                o = _attention(q, k, v, dec.n_head, mask)
+                o = _attention(w, q, k, v, dec.n_head, mask)
             else:
-                o = _attention(q, cross_k[i], cross_v[i], dec.n_head)
+                o = _attention(w, q, cross_k[i], cross_v[i], dec.n_head)
                 if on_cross:
                     on_cross(i, q)
             x = x + _linear(w, f"{pre}.out", o)
@@ -302,7 +341,8 @@ def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k
 
 def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceRef | None = None,
                   taps: bool = False, alignment: bool = False,
-                  module: Module | None = None, quantized: bool = False) -> tuple[Graph, list[str]]:
+                  module: Module | None = None, quantized: bool = False,
+                  attention: str = "unfused") -> tuple[Graph, list[str]]:
     """Returns the graph and the names of its outputs, in order.
 
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
@@ -310,6 +350,7 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     int64: the positions of T to give logits for, (B, K, V). The caller keeps
     P + T <= decoder.n_ctx (the runtime checks it). `taps` implies `alignment`.
     `quantized`: the `quantized_matrices` multiply as Q4_0 (float32 activations).
+    `attention`: `ATTENTION`.
     """
     device = device or DeviceRef.CPU()
     dec = spec.decoder
@@ -328,7 +369,7 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     qks = []
     name = f"{spec.name}_decoder" + ("_alignment" if heads_by_layer else "") + ("_q4_0" if quantized else "")
     with Graph(name, input_types=types, module=module) as g:
-        w = Weights(g, spec, dtype, device, quantized)
+        w = Weights(g, spec, dtype, device, quantized, attention=attention)
         tokens, order, self_k, self_v, cross_k, cross_v, logits_at = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)

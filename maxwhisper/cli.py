@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .builder import ATTENTION
 from .registry import DEFAULT_MODEL
 from .runtime import PRECISIONS
 from .spec import SpecError, load_spec
@@ -51,7 +52,8 @@ def _transcribe(args) -> int:
     if args.word_timestamps and args.task == "translate":
         raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)  # compiled once for every input
+    # Compiled once for every input.
+    model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
     loaded: list[str] = []
     failed = 0
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", default="auto", choices=["auto", *PRECISIONS],
                     help="precision of weights and activations (auto: bfloat16 on a GPU, float32 on the CPU; "
                          "q4_0: CPU only, the decoder's matrices in 4-bit blocks, faster, words may differ)")
+    tr.add_argument("--attention", default="unfused", choices=ATTENTION,
+                    help="fused: MAX's flash-attention kernel (GPU only; not yet measured on one)")
     tr.add_argument("--language", default=None, help="language code; detected when omitted")
     tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     tr.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],

@@ -71,7 +71,8 @@ def _timestamp_rules(logits, last, prev, last_ts, ids, eot: int, tb: int, device
 
 
 def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType = DType.float32,
-                 device: DeviceRef | None = None, module: Module | None = None, quantized: bool = False) -> Graph:
+                 device: DeviceRef | None = None, module: Module | None = None, quantized: bool = False,
+                 attention: str = "unfused") -> Graph:
     """Inputs: logits for the first sampled token (B, V) float32; the prompt's self K and
     V (L, B, P, D); cross K and V (L, B, S, D); `suppress` (V,), added to every step's
     logits, and `begin` (V,), added at the first sampled token only (0 or -inf each);
@@ -79,7 +80,7 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType =
 
     Outputs: tokens (B, n_ctx) int64, the sampled ones first, then <|endoftext|>;
     summed log-probabilities (B,) float32 up to and including each row's first
-    <|endoftext|>; the number of tokens sampled (int64 scalar)."""
+    <|endoftext|>; the number of tokens sampled (int64 scalar). `attention`: builder.ATTENTION."""
     device = device or DeviceRef.CPU()
     cpu = DeviceRef.CPU()
     dec, V = spec.decoder, spec.vocab.n_vocab
@@ -97,7 +98,7 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType =
         # MAX 26.7 cannot verify the single-row ops.cond of builder._matmul inside a
         # while_loop body ("operand does not dominate this use"); this loop is the
         # accelerator's greedy decode, where that CPU choice does not apply anyway.
-        w = Weights(g, spec, dtype, device, quantized, single_row=False)
+        w = Weights(g, spec, dtype, device, quantized, single_row=False, attention=attention)
         logits0, prompt_k, prompt_v, cross_k, cross_v, suppress, begin, max_new = (v.tensor for v in g.inputs)
         b, p0 = logits0.shape[0], prompt_k.shape[2]
         ids = ops.range(0, V, 1, out_dim=V, dtype=i64, device=device).reshape([1, V])

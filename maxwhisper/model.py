@@ -19,10 +19,10 @@ class Whisper:
     """A compiled model with its tokenizer; compile once, transcribe many."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], tokenizer_json: str | Path,
-                 device: str = "auto", dtype: str | None = None):
+                 device: str = "auto", dtype: str | None = None, attention: str = "unfused"):
         self.spec = spec
         self.tokenizer = WhisperTokenizer(tokenizer_json, spec)
-        self.runtime = CompiledWhisper(spec, weights, device=device, dtype=dtype)
+        self.runtime = CompiledWhisper(spec, weights, device=device, dtype=dtype, attention=attention)
 
     @property
     def device(self) -> str:
@@ -71,15 +71,17 @@ def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", spec: str | None = None,
-               dtype: str | None = None) -> Whisper:
+               dtype: str | None = None, attention: str = "unfused") -> Whisper:
     """A built-in model name (its weight package must be installed; converted once into
     the cache) or a converted .safetensors file / directory, with tokenizer.json beside it.
     `dtype`: 'float32', 'float16', 'bfloat16', 'q4_0' (CPU: the decoder's matrices in
     4-bit blocks, about 2x faster per token on tiny.en, words may differ in places), or None for
-    the device's default (bfloat16 on a GPU, float32 on the CPU)."""
+    the device's default (bfloat16 on a GPU, float32 on the CPU). `attention`: 'unfused',
+    or 'fused' for MAX's flash-attention kernel (GPU only, not yet measured on one)."""
     path = Path(name_or_path)
     if path.exists():
         weights, tokenizer, model_spec = _local_files(path, spec)
     else:
         weights, tokenizer, model_spec = ensure_converted(str(name_or_path))
-    return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device, dtype=dtype)
+    return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device, dtype=dtype,
+                   attention=attention)

@@ -20,8 +20,8 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Module
 
-from .builder import (Q4_0_BLOCK, Q4_0_SUFFIX, decoder_graph, encoder_graph, float_weights, q4_0_rows,
-                      quantized_matrices, select_graph)
+from .builder import (Q4_0_BLOCK, Q4_0_SUFFIX, check_attention, decoder_graph, encoder_graph, float_weights,
+                      q4_0_rows, quantized_matrices, select_graph)
 from .spec import ModelSpec
 from .weights import check_arrays
 
@@ -96,10 +96,12 @@ class DecoderState:
 
 
 class CompiledWhisper:
-    """A spec's graphs, compiled once, with weights bound by name in one dtype."""
+    """A spec's graphs, compiled once, with weights bound by name in one dtype.
+    `attention`: 'unfused' or 'fused' (MAX's flash-attention kernel, GPU only; not yet
+    the GPU's default: no session has measured it on one, docs/benchmarks.md)."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], device: str = "cpu",
-                 dtype: str | DType | None = None, taps: bool = False):
+                 dtype: str | DType | None = None, taps: bool = False, attention: str = "unfused"):
         self.spec = spec
         self.device_name = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device_name)
@@ -107,6 +109,7 @@ class CompiledWhisper:
         self.precision = "q4_0" if self.quantized else next(k for k, v in DTYPES.items() if v == self.dtype)
         self.device = Accelerator() if self.device_name == "gpu" else CPU()
         self._ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
+        self.attention = check_attention(attention, self._ref)
         check_arrays(spec, weights, "weights given to CompiledWhisper")
         self._registry = {k: weight_array(weights[k], self.dtype) for k in float_weights(spec, self.quantized)}
         if self.quantized:
@@ -115,12 +118,13 @@ class CompiledWhisper:
         outputs = {}
 
         def encoder(module):
-            g, outputs["encoder"] = encoder_graph(spec, self.dtype, self._ref, taps, module=module)
+            g, outputs["encoder"] = encoder_graph(spec, self.dtype, self._ref, taps, module=module,
+                                                  attention=self.attention)
             return g
 
         def decoder(module):
             g, outputs["decoder"] = decoder_graph(spec, self.dtype, self._ref, taps, module=module,
-                                                  quantized=self.quantized)
+                                                  quantized=self.quantized, attention=self.attention)
             return g
 
         self._encoder, self._decoder, self._selector = self._compile(
@@ -180,7 +184,7 @@ class CompiledWhisper:
         if self._aligner is None:
             self._aligner, = self._compile(
                 lambda module: decoder_graph(self.spec, self.dtype, self._ref, alignment=True, module=module,
-                                             quantized=self.quantized)[0])
+                                             quantized=self.quantized, attention=self.attention)[0])
         logits, _, extra = self._step(self._aligner, tokens, state, None, None)
         return logits, extra[-1].to_numpy()
 
@@ -197,7 +201,7 @@ class CompiledWhisper:
             from .loop import greedy_graph
 
             self._greedy, = self._compile(lambda module: greedy_graph(
-                self.spec, eot, timestamp_begin, self.dtype, self._ref, module, self.quantized))
+                self.spec, eot, timestamp_begin, self.dtype, self._ref, module, self.quantized, self.attention))
         tokens, sum_logprob, n = self._greedy.execute(
             self._put(first_logits.astype(np.float32)), state.self_k, state.self_v, state.cross_k, state.cross_v,
             self._put(suppress.astype(np.float32)), self._put(begin.astype(np.float32)),

@@ -60,6 +60,17 @@ def test_several_precisions_one_row_each(model_cache):
     assert report["dtypes"] == ["float32", "q4_0"] and all(r["tokens"] == 4 for r in report["rows"])
 
 
+def test_attention_kernels_are_rows_and_reach_the_startup_program(model_cache):
+    """--attention fused unfused gives a row per kernel on a GPU; on the CPU the fused
+    kernel is refused with the reason, and a new process is told which kernel to load."""
+    with pytest.raises(ValueError, match="attention 'fused' runs on a GPU only"):
+        bench.run("tiny.en", workload="forced", tokens=2, repeats=1, peers=(), dtype="float32",
+                  attention=("unfused", "fused"))
+    (name, code), = bench._startup_scripts("tiny.en", "gpu", [("bfloat16", "fused")], 5.0, None, 2, ())
+    assert name == "maxwhisper (gpu, bfloat16, fused attention)"
+    assert "load_model('tiny.en', device='gpu', dtype='bfloat16', attention='fused')" in code
+
+
 def test_random_weights_are_the_same_weights_for_every_system(model_cache):
     """--weights random (sizes no package carries, e.g. small): ours and the PyTorch
     peers run openai-whisper's seeded initialisation and produce the same tokens;
