@@ -13,8 +13,10 @@ Workloads:
   cache) and transcribes --seconds of speech; wall time, as a user waits for it.
 
 Peers (test/benchmark dependencies; a peer that cannot run is listed with the reason):
-openai-whisper (PyTorch), Hugging Face transformers (eager, SDPA), faster-whisper
-(CTranslate2; float32 and int8). All run the same weights: the CTranslate2 package our
+openai-whisper (PyTorch), Hugging Face transformers (eager, SDPA; and
+"transformers-compiled": its static KV cache with the decoder step under torch.compile,
+CUDA graphs on a GPU, compile time in the load column), faster-whisper (CTranslate2;
+float32 and int8). All run the same weights: the CTranslate2 package our
 model is converted from, loaded into each peer; or, with --weights random (forced
 workload; any spec, e.g. small, whose weights no package carries), openai-whisper's seeded
 random initialisation. With --device gpu the PyTorch peers run on CUDA in float16.
@@ -176,6 +178,31 @@ def forced_hf(model, torch, mel, prompt, n, eot):
         return torch.cat(tokens, 1).cpu().numpy()
 
 
+def forced_hf_static(m, torch, mel, prompt, n, eot):
+    """forced_hf with transformers' static KV cache (fixed shapes every step) and the
+    decoder step under torch.compile: `m` is (model, compiled model)."""
+    from transformers import EncoderDecoderCache, StaticCache
+
+    model, step = m
+    p = len(prompt)
+    with torch.no_grad():
+        enc = model.model.encoder(mel)
+        cache = EncoderDecoderCache(StaticCache(model.config, max_cache_len=p + n),
+                                    StaticCache(model.config, max_cache_len=enc.last_hidden_state.shape[1]))
+        out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel), device=mel.device),
+                    past_key_values=cache, cache_position=torch.arange(p, device=mel.device), use_cache=True)
+        logits, tokens = out.logits[:, -1], []
+        for i in range(n):
+            last = logits.clone()
+            last[:, eot] = -float("inf")
+            nxt = last.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            if len(tokens) < n:
+                logits = step(encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=cache,
+                              cache_position=torch.tensor([p + i], device=mel.device), use_cache=True).logits[:, -1]
+        return torch.cat(tokens, 1).cpu().numpy()
+
+
 def forced_ct2(model, ct2, mel, prompt, n, eot):
     # CTranslate2 4.x generates max_length / 2 tokens for Whisper (measured); the token
     # count is checked after the run.
@@ -224,6 +251,16 @@ def _hf_model(weights, spec, device: str = "cpu"):
     return _on(model, torch, device), torch
 
 
+def _hf_compiled_model(weights, spec, device: str, mel: np.ndarray, prompt, n: int, eot: int):
+    """transformers' model and its torch.compile'd forward (CUDA graphs on a GPU: mode
+    reduce-overhead), compiled here by one forced run on `mel`, so that the load column
+    holds the compile, as ours holds MAX's."""
+    model, torch = _hf_model(weights, spec, device)
+    step = torch.compile(model, mode="reduce-overhead" if device == "gpu" else None)
+    forced_hf_static((model, step), torch, _torch_input(torch, mel, device), prompt, n, eot)
+    return (model, step), torch
+
+
 def _ct2_model(directory: Path, compute_type, threads):
     import ctranslate2
 
@@ -245,7 +282,8 @@ _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_
 
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
-        peers: tuple[str, ...] = ("openai-whisper", "transformers", "faster-whisper"), beam_size: int = 1,
+        peers: tuple[str, ...] = ("openai-whisper", "transformers", "transformers-compiled", "faster-whisper"),
+        beam_size: int = 1,
         dtype: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
         tokenizer: str | None = None, attention: str | tuple[str, ...] = "unfused") -> dict:
     """`dtype`: one of our precisions, or several: one row each, the first the baseline
@@ -316,6 +354,9 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
             peer(f"openai-whisper (PyTorch, {torch_kind})", _openai_model, forced_openai, weights, spec, device)
         if "transformers" in peers:
             peer(f"transformers (eager, SDPA, {torch_kind})", _hf_model, forced_hf, weights, spec, device)
+        if "transformers-compiled" in peers:
+            peer(f"transformers (static cache, torch.compile, {torch_kind})", _hf_compiled_model, forced_hf_static,
+                 weights, spec, device, mel, prompt, tokens, eot)
         if "faster-whisper" in peers and ct2_dir is None:
             rows.append(Row("CTranslate2", skipped="runs converted checkpoints only; random weights have none"))
         elif "faster-whisper" in peers:
@@ -339,9 +380,10 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                                                                beam_size=beam, language="en", verbose=None), repeats)
                 return Row(f"openai-whisper (PyTorch, {torch_kind})", med, ts, loaded, text=o["text"].strip())
             rows.append(_attempt(f"openai-whisper (PyTorch, {torch_kind})", openai_speech))
-        if "transformers" in peers:
-            rows.append(Row("transformers", skipped="long-form generate() needs the checkpoint's Hub "
-                                                    "generation_config, which is not reachable here"))
+        for name in ("transformers", "transformers-compiled"):
+            if name in peers:
+                rows.append(Row(name, skipped="long-form generate() needs the checkpoint's Hub "
+                                              "generation_config, which is not reachable here"))
         if "faster-whisper" in peers:
             for ct in ("float32", "int8"):
                 def fw_speech(ct=ct):
@@ -495,6 +537,8 @@ def add_arguments(p) -> None:
     p.add_argument("--beam-size", type=int, default=1, help="beams (speech workload; 1: greedy)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CTranslate2 threads (default: all cores)")
-    p.add_argument("--peers", nargs="*", default=["openai-whisper", "transformers", "faster-whisper"])
+    p.add_argument("--peers", nargs="*", default=["openai-whisper", "transformers", "transformers-compiled",
+                                                  "faster-whisper"],
+                   help="transformers-compiled: static KV cache, decoder step under torch.compile (forced workload)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--chart", default=None, help="write a PNG bar chart here (needs matplotlib)")

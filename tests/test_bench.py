@@ -32,6 +32,9 @@ def test_forced_workload_is_the_same_work_for_every_system(tiny_en):
     np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
     model, torch = bench._hf_model(weights, spec)
     np.testing.assert_array_equal(bench.forced_hf(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
+    compiled, torch = bench._hf_compiled_model(weights, spec, "cpu", mel, prompt, 12, tok.eot)
+    np.testing.assert_array_equal(
+        bench.forced_hf_static(compiled, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
     model, ct2 = bench._ct2_model(ct2_dir, "float32", 2)
     np.testing.assert_array_equal(bench.forced_ct2(model, ct2, mel, prompt, 12, tok.eot), ours)
 
