@@ -39,7 +39,7 @@ def _kernels(graph) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("dtype", [DType.bfloat16, DType.float32])
-def test_fused_graphs_build_for_a_gpu(dtype):
+def test_gpu_graphs_build_on_the_cpu(dtype):
     spec = get_spec("tiny.en")
     gpu, enc, dec = DeviceRef.GPU(), spec.encoder.n_layer, spec.decoder.n_layer
     # Encoder self-attention unmasked; in the decoder, cross-attention unmasked and the
@@ -48,7 +48,13 @@ def test_fused_graphs_build_for_a_gpu(dtype):
     assert _kernels(decoder_graph(spec, dtype, gpu, attention="fused")[0]) == (dec, dec)
     assert _kernels(decoder_graph(spec, dtype, gpu, alignment=True, attention="fused")[0]) == (dec, dec)
     assert _kernels(greedy_graph(spec, 50256, 50363, dtype, gpu, attention="fused")) == (dec, dec)
-    assert _kernels(decoder_graph(spec, dtype, gpu)[0]) == (0, 0)
+    # The GPU's unfused graphs build too, kernel-free, and without the CPU's single-row
+    # choice (builder._matmul's `ops.cond`, an `mo.if`).
+    step = decoder_graph(spec, dtype, gpu)[0]
+    assert _kernels(encoder_graph(spec, dtype, gpu)[0]) == (0, 0)
+    assert _kernels(step) == (0, 0) and "mo.if" not in str(step)
+    assert _kernels(greedy_graph(spec, 50256, 50363, dtype, gpu)) == (0, 0)
+    assert "mo.if" in str(decoder_graph(spec, dtype, DeviceRef.CPU())[0])
 
 
 # --- on a GPU ---------------------------------------------------------------------------
