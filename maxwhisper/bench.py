@@ -180,15 +180,20 @@ def forced_hf(model, torch, mel, prompt, n, eot):
 
 def forced_hf_static(m, torch, mel, prompt, n, eot):
     """forced_hf with transformers' static KV cache (fixed shapes every step) and the
-    decoder step under torch.compile: `m` is (model, compiled model)."""
+    decoder step under torch.compile: `m` is (model, compiled model, caches). One cache
+    per shape, reset between runs: CUDA graphs replay on the same memory."""
     from transformers import EncoderDecoderCache, StaticCache
 
-    model, step = m
+    model, step, caches = m
     p = len(prompt)
     with torch.no_grad():
         enc = model.model.encoder(mel)
-        cache = EncoderDecoderCache(StaticCache(model.config, max_cache_len=p + n),
-                                    StaticCache(model.config, max_cache_len=enc.last_hidden_state.shape[1]))
+        key = (len(mel), p + n, enc.last_hidden_state.shape[1])
+        if key not in caches:
+            caches[key] = EncoderDecoderCache(StaticCache(model.config, max_cache_len=key[1]),
+                                              StaticCache(model.config, max_cache_len=key[2]))
+        cache = caches[key]
+        cache.reset()
         out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel), device=mel.device),
                     past_key_values=cache, cache_position=torch.arange(p, device=mel.device), use_cache=True)
         logits, tokens = out.logits[:, -1], []
@@ -256,9 +261,9 @@ def _hf_compiled_model(weights, spec, device: str, mel: np.ndarray, prompt, n: i
     reduce-overhead), compiled here by one forced run on `mel`, so that the load column
     holds the compile, as ours holds MAX's."""
     model, torch = _hf_model(weights, spec, device)
-    step = torch.compile(model, mode="reduce-overhead" if device == "gpu" else None)
-    forced_hf_static((model, step), torch, _torch_input(torch, mel, device), prompt, n, eot)
-    return (model, step), torch
+    compiled = (model, torch.compile(model, mode="reduce-overhead" if device == "gpu" else None), {})
+    forced_hf_static(compiled, torch, _torch_input(torch, mel, device), prompt, n, eot)
+    return compiled, torch
 
 
 def _ct2_model(directory: Path, compute_type, threads):
