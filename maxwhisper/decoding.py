@@ -79,9 +79,13 @@ def compression_ratio(text: str) -> float:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+    """In float32, as openai-whisper computes it, with the sum of exponentials
+    accumulated in float64 so that the top term cannot swallow the many small ones.
+    float64 throughout cost 3.3 ms per (5, 51864) beam step against 0.4 ms: a quarter
+    of a beam-search transcription on 2 cores."""
+    x = np.asarray(x, np.float32)
+    y = x - np.max(x, axis=-1, keepdims=True)
+    return y - np.log(np.sum(np.exp(y), axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
 def suppressed_tokens(tok: WhisperTokenizer, suppress: str | list[int] | None) -> list[int]:
