@@ -4,10 +4,11 @@ Two graphs serve a model:
 - encoder: log-mel (B, n_mels, n_frames) -> audio features (B, S, D) and every decoder
   layer's cross-attention K and V, stacked (L, B, S, D): computed once per window.
 - decoder: tokens (B, T), the rows of the cache to continue (B,), self-attention cache
-  K/V (L, B0, P, D), cross K/V (L, B, S, D) -> logits (B, T, V) and the grown cache
-  (L, B, P+T, D). B, B0, T and P are symbolic, so one compiled graph serves the prompt,
-  every step and every batch size; the row gather reorders beams and drops finished
-  rows inside the same call.
+  K/V (L, B0, P, D), cross K/V (L, W, S, D) -> logits (B, T, V) and the grown cache
+  (L, B, P+T, D). B, B0, W, T and P are symbolic, so one compiled graph serves the
+  prompt, every step and every batch size; the row gather reorders beams and drops
+  finished rows inside the same call. W windows with B/W rows each (beams) share
+  their window's cross K/V row.
 - select: rows of a stacked (L, B, S, D) tensor, to repeat cross K/V per beam or to drop
   finished windows.
 
@@ -299,6 +300,35 @@ def alignment_heads(spec: ModelSpec) -> list[tuple[int, int]]:
     return [(l, h) for l in range(dec.n_layer // 2, dec.n_layer) for h in range(dec.n_head)]
 
 
+def _by_window(x: TensorValue, windows) -> TensorValue:
+    """(B, T, D) rows, grouped by window in equal runs, -> (W, B/W * T, D): a window's
+    rows (its beams) attend to its cross K/V together, which each step then reads once
+    per window instead of once per row."""
+    if x.shape[0] == windows:
+        return x
+    b, t, d = x.shape
+    group = b // windows
+    return x.rebind([group * windows, t, d]).reshape([windows, group * t, d])
+
+
+def _by_row(x: TensorValue, b, t) -> TensorValue:
+    """`_by_window`'s inverse, (W, B/W * T, ...) -> (B, T, ...)."""
+    windows, *rest = x.shape
+    if windows == b:
+        return x
+    return x.reshape([(b // windows) * windows, t, *rest[1:]]).rebind([b, t, *rest[1:]])
+
+
+def _alignment_rows(scores: TensorValue, b, t) -> TensorValue:
+    """(W, heads, B/W * T, S) scores of grouped rows -> (B, heads, T, S)."""
+    windows, heads, _, s = scores.shape
+    if windows == b:
+        return scores
+    group = b // windows
+    x = scores.reshape([windows, heads, group, t, s]).permute([0, 2, 1, 3, 4])
+    return x.reshape([group * windows, heads, t, s]).rebind([b, heads, t, s])
+
+
 def embed_tokens(w: Weights, tokens: TensorValue) -> TensorValue:
     """(B, T) token ids -> (B, T, D): rows of the (V, D) embedding."""
     return ops.gather(w("decoder.token_embedding.weight"), tokens, axis=0)
@@ -310,7 +340,8 @@ def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k
     """The decoder blocks and the logits (B, T, V) float32 for embedded tokens x (B, T, D).
     `self_kv(i, k, v)` gets layer i's new keys and values (B, T, D) and returns those to
     attend over: how the cache is kept is the caller's. `mask` is added to the
-    self-attention scores. `on_cross(i, q)` and `on_layer(i, x)` observe the cross-attention
+    self-attention scores. `cross_k`/`cross_v` (L, W, S, D): one row per window, the B
+    rows grouped by window in runs of B/W (one row each, or a window's beams). `on_cross(i, q)` and `on_layer(i, x)` observe the cross-attention
     queries and each block's output. `logits_at` (K,): the positions to give logits
     for, (B, K, V); the vocabulary projection is most of a pass's work and a prompt
     needs two of its positions, not all."""
@@ -327,7 +358,8 @@ def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k
                 k, v = self_kv(i, _linear(w, f"{pre}.key", h, bias=False), _linear(w, f"{pre}.value", h))
                 o = _attention(w, q, k, v, dec.n_head, mask)
             else:
-                o = _attention(w, q, cross_k[i], cross_v[i], dec.n_head)
+                k, v = cross_k[i], cross_v[i]
+                o = _by_row(_attention(w, _by_window(q, k.shape[0]), k, v, dec.n_head), *q.shape[:2])
                 if on_cross:
                     on_cross(i, q)
             x = x + _linear(w, f"{pre}.out", o)
@@ -346,8 +378,9 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
     """Returns the graph and the names of its outputs, in order.
 
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
-    continues, self K and V (L, B0, P, D), cross K and V (L, B, S, D), logits_at (K,)
-    int64: the positions of T to give logits for, (B, K, V). The caller keeps
+    continues, self K and V (L, B0, P, D), cross K and V (L, W, S, D) of the W windows
+    whose rows (B = W x group, grouped by window) these are, logits_at (K,) int64: the
+    positions of T to give logits for, (B, K, V). The caller keeps
     P + T <= decoder.n_ctx (the runtime checks it). `taps` implies `alignment`.
     `quantized`: the `quantized_matrices` multiply as Q4_0 (float32 activations).
     `attention`: `ATTENTION`.
@@ -359,8 +392,8 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
              TensorType(DType.int64, ["batch"], device),
              TensorType(dtype, [L, "cache_batch", "past", D], device),
              TensorType(dtype, [L, "cache_batch", "past", D], device),
-             TensorType(dtype, [L, "batch", "audio", D], device),
-             TensorType(dtype, [L, "batch", "audio", D], device),
+             TensorType(dtype, [L, "windows", "audio", D], device),
+             TensorType(dtype, [L, "windows", "audio", D], device),
              TensorType(DType.int64, ["keep"], device)]
     names, extra = ["logits", "self_k", "self_v"], []
     heads_by_layer: dict[int, list[int]] = {}
@@ -389,7 +422,9 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
         def on_cross(i, q):
             if i in heads_by_layer:
                 idx = ops.constant(heads_by_layer[i], DType.int64, device)
-                qks.append(ops.gather(_scores(q, cross_k[i], dec.n_head), idx, axis=1))
+                k = cross_k[i]
+                scores = ops.gather(_scores(_by_window(q, k.shape[0]), k, dec.n_head), idx, axis=1)
+                qks.append(_alignment_rows(scores, *q.shape[:2]))
 
         def on_layer(i, x):
             if taps:

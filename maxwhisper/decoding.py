@@ -265,6 +265,18 @@ def _finish(rows: _Rows, done: list[list], group: int, eot: int) -> None:
             done[w].append((rows.tokens[r] + [eot], float(rows.sum_logprob[r])))
 
 
+def _cross_rows(window: np.ndarray) -> np.ndarray:
+    """The windows whose cross K/V the decoder step reads, one per row of its buffers:
+    each window once when every window has the same number of consecutive rows (its
+    beams attend together, and each step reads the window's 1500 keys once, not once
+    per beam), else each row's window."""
+    starts = np.flatnonzero(np.r_[True, window[1:] != window[:-1]])
+    sizes = np.diff(np.r_[starts, len(window)])
+    if len(starts) == len(set(window[starts].tolist())) and (sizes == sizes[0]).all():
+        return window[starts]
+    return window
+
+
 def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingOptions,
            prompts: list[list[int]] | None = None) -> list[DecodingResult]:
     """Decode a batch of windows whose cross-attention K/V are `cross`; one result each.
@@ -301,7 +313,7 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     rows = _Rows(window, [list(prefixes[w]) for w in window], np.zeros(len(window)))
     logits, source = logits[window, -1], window
     done: list[list[tuple[list[int], float]]] = [[] for _ in range(n_win)]
-    cross_windows = np.arange(n_win)  # the window of each row of the cross K/V buffers
+    cross_windows = np.arange(n_win)  # the window of each row of the state's cross K/V
     for step in range(sample_len):
         filtered = rules(logits, rows.tokens)
         logprobs = log_softmax(filtered)
@@ -312,11 +324,11 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
         if not len(keep) or step == sample_len - 1:
             break
         order = source[keep] if step == 0 else keep  # step 0 continues the prompt's cache rows
-        if not np.array_equal(rows.window, cross_windows):
-            # Cross K/V rows follow the rows' windows; beams reordering within a window keep them.
-            ck, cv = model.select_pair((state.cross_k, state.cross_v), order)
+        needed = _cross_rows(rows.window)
+        if not np.array_equal(needed, cross_windows):  # a window finished, or groups became unequal
+            ck, cv = model.select_pair((cross_k, cross_v), needed)
             state = DecoderState(state.self_k, state.self_v, ck, cv, state.length)
-            cross_windows = rows.window
+            cross_windows = needed
         logits, state, _ = model.decode(nxt[:, None], state, order=order)
         logits = logits[:, -1]
 

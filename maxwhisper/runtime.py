@@ -159,8 +159,8 @@ class CompiledWhisper:
         return DecoderState(empty, empty, cross_k, cross_v, 0)
 
     def select(self, x: Buffer, rows) -> Buffer:
-        """Rows of a stacked (L, B, S, D) buffer, on the device: repeat a window's cross
-        K/V for its beams, or keep only the unfinished windows."""
+        """Rows of a stacked (L, B, S, D) buffer, on the device: keep only the unfinished
+        windows' cross K/V, or give each row its own when windows have unequal rows."""
         return self._selector.execute(x, self._put(np.asarray(rows, np.int64)))[0]
 
     def select_pair(self, pair: tuple[Buffer, Buffer], rows) -> tuple[Buffer, Buffer]:
@@ -175,7 +175,9 @@ class CompiledWhisper:
         """Feed tokens (B, T) after the cached ones; returns logits (B, K, V) at the
         positions `logits_at` (default: all T; negative ones count from the end), the
         grown state, and the tap outputs (empty unless compiled with taps). Row b
-        continues cache row `order[b]` (default: row b), so beams reorder inside the step."""
+        continues cache row `order[b]` (default: row b), so beams reorder inside the step.
+        The state's W cross K/V rows serve the B rows in order, B/W consecutive rows each
+        (a window's beams)."""
         return self._step(self._decoder, tokens, state, order, logits_at)
 
     def align(self, tokens: np.ndarray, state: DecoderState) -> tuple[np.ndarray, np.ndarray]:
@@ -211,8 +213,10 @@ class CompiledWhisper:
     def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at):
         tokens = np.asarray(tokens, dtype=np.int64)
         n_ctx, rows = self.spec.decoder.n_ctx, state.self_k.shape[1]
-        if tokens.ndim != 2 or tokens.shape[0] != state.cross_k.shape[1]:
-            raise ValueError(f"tokens must have shape (batch={state.cross_k.shape[1]}, T), found {tokens.shape}")
+        windows = state.cross_k.shape[1]
+        if tokens.ndim != 2 or not windows or not tokens.shape[0] or tokens.shape[0] % windows:
+            raise ValueError(f"tokens must have shape (batch, T), the batch a multiple of the {windows} windows' "
+                             f"cross K/V rows, found {tokens.shape}")
         order = np.arange(tokens.shape[0], dtype=np.int64) if order is None else np.asarray(order, np.int64)
         if order.shape != (tokens.shape[0],) or (order.size and (order.min() < 0 or order.max() >= rows)):
             raise ValueError(f"order must be {tokens.shape[0]} row indices into a cache of {rows} rows, "

@@ -64,6 +64,16 @@ def test_beam_step_equals_openai(seed, patience):
         assert [t.tolist() for t in ref_final[w]] == [s for s, _ in done[w]]
 
 
+def test_cross_rows_one_per_window_when_groups_are_equal():
+    """Which cross K/V rows a step reads: a window's beams share its row; unequal or
+    scattered groups (sampled rows that finished) get a row each."""
+    rows = decoding._cross_rows
+    np.testing.assert_array_equal(rows(np.array([0, 0, 2, 2, 5, 5])), [0, 2, 5])
+    np.testing.assert_array_equal(rows(np.array([3, 4])), [3, 4])
+    np.testing.assert_array_equal(rows(np.array([0, 0, 1])), [0, 0, 1])
+    np.testing.assert_array_equal(rows(np.array([0, 1, 0, 1])), [0, 1, 0, 1])
+
+
 @pytest.mark.parametrize("length_penalty", [None, 0.0, 0.5, 1.0])
 def test_ranking_equals_openai(length_penalty):
     rng = np.random.default_rng(3)

@@ -145,6 +145,31 @@ def test_rows_reorder_and_drop_inside_the_step(parity_case):
         compiled.decode(tokens[:, 6:7], state, order=[0, 2])
 
 
+def test_a_windows_rows_share_its_cross_kv(parity_case):
+    """Beams: W windows' cross K/V serve B = W x group rows, grouped by window, and give
+    the logits (and alignment scores) of each row with its own copy, and openai-whisper's."""
+    name, spec, ref, compiled, mel, tokens = parity_case
+    _, ck, cv = compiled.encode(mel)[:3]
+    _, state, _ = compiled.decode(tokens[:, :6], compiled.start(ck, cv))
+    order = np.array([0, 0, 0, 1, 1, 1])
+    nxt = np.random.default_rng(2).integers(0, spec.vocab.n_vocab, size=(6, 1))
+    got, _, got_taps = compiled.decode(nxt, state, order=order)
+    own = DecoderState(state.self_k, state.self_v, compiled.select(ck, order), compiled.select(cv, order),
+                       state.length)
+    want, _, want_taps = compiled.decode(nxt, own, order=order)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    qk = compiled.decoder_outputs.index("alignment_qk") - 3
+    np.testing.assert_allclose(got_taps[qk].to_numpy(), want_taps[qk].to_numpy(), rtol=0,
+                               atol=1e-5 * np.abs(want_taps[qk].to_numpy()).max())
+    with torch.no_grad():
+        features = ref.encoder(torch.from_numpy(mel))[torch.from_numpy(order)]
+        seqs = torch.from_numpy(np.concatenate([tokens[order, :6], nxt], axis=1))
+        ref_logits = ref.decoder(seqs, features)[:, -1].numpy()
+    assert float(np.max(np.abs(got[:, 0] - ref_logits)) / np.max(np.abs(ref_logits))) <= REL_TOL
+    with pytest.raises(ValueError, match="a multiple of the 2 windows' cross K/V rows"):
+        compiled.decode(nxt[:5], state, order=order[:5])
+
+
 def test_logits_at_chosen_positions(parity_case):
     """A prompt pass asks for logits at a few positions only (no-speech at
     <|startoftranscript|>, the next token at the end): they equal those rows of the full
