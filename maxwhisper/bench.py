@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .builder import ATTENTION
 from .runtime import PRECISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,7 +293,8 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         dtype: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
         tokenizer: str | None = None, attention: str | tuple[str, ...] = "unfused") -> dict:
     """`dtype`: one of our precisions, or several: one row each, the first the baseline
-    of the ratio column; `attention` likewise ('unfused', 'fused'), a row for each pair. `weights`: 'package' (the named model's installed weights) or
+    of the ratio column; `attention` likewise ('unfused', 'fused'), a row for each pair.
+    `weights`: 'package' (the named model's installed weights) or
     'random' (openai-whisper's seeded initialisation of the spec; forced workload only),
     with `tokenizer`, a tokenizer.json for machines without the weight packages."""
     from . import load_model
@@ -524,7 +526,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", nargs="+", default=["auto"], choices=["auto", *PRECISIONS],
                    help="our precision, or several (a row each; the first is the ratios' baseline). auto: "
                         "bfloat16 on a GPU, float32 on the CPU; q4_0: CPU, the decoder's matrices in 4 bits")
-    p.add_argument("--attention", nargs="+", default=["unfused"], choices=["unfused", "fused"],
+    p.add_argument("--attention", nargs="+", default=["unfused"], choices=ATTENTION,
                    help="our attention kernels, or both (a row each with each --dtype). fused: MAX's "
                         "flash-attention kernel, GPU only")
     p.add_argument("--greedy", default="auto", choices=["auto", "device", "host"],

@@ -341,7 +341,8 @@ def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k
     `self_kv(i, k, v)` gets layer i's new keys and values (B, T, D) and returns those to
     attend over: how the cache is kept is the caller's. `mask` is added to the
     self-attention scores. `cross_k`/`cross_v` (L, W, S, D): one row per window, the B
-    rows grouped by window in runs of B/W (one row each, or a window's beams). `on_cross(i, q)` and `on_layer(i, x)` observe the cross-attention
+    rows grouped by window in runs of B/W (one row each, or a window's beams).
+    `on_cross(i, q)` and `on_layer(i, x)` observe the cross-attention
     queries and each block's output. `logits_at` (K,): the positions to give logits
     for, (B, K, V); the vocabulary projection is most of a pass's work and a prompt
     needs two of its positions, not all."""
