@@ -1,0 +1,58 @@
+"""A/B of a beam-search decoder step: a window's beams sharing its one cross K/V row,
+against each beam reading its own copy, on one compiled model, interleaved.
+
+    python tools/cross_kv_ab.py --dtype q4_0 --beams 5
+
+Prints the median milliseconds per step of each and the largest logit difference
+between them (float32: rounding; q4_0: its activation quantization too)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import maxwhisper
+from maxwhisper.audio import log_mel_spectrogram
+from maxwhisper.bench import speech_audio
+from maxwhisper.runtime import DecoderState
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--beams", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=6)
+    args = p.parse_args()
+
+    m = maxwhisper.load_model(args.model, device="cpu", dtype=args.dtype)
+    rt, tok = m.runtime, m.tokenizer
+    mel = log_mel_spectrogram(speech_audio(30.0), m.spec.audio)[None, :, : m.spec.audio.n_frames]
+    _, ck, cv = rt.encode(np.ascontiguousarray(mel, np.float32))[:3]
+    _, prompt, _ = rt.decode(np.array([tok.sot_sequence + [tok.no_timestamps]]), rt.start(ck, cv))
+    shared, own = (ck, cv), rt.select_pair((ck, cv), [0] * args.beams)
+
+    def steps(cross):
+        state = DecoderState(prompt.self_k, prompt.self_v, *cross, prompt.length)
+        order, tokens = np.zeros(args.beams, np.int64), np.full((args.beams, 1), tok.encode(" the")[0])
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            logits, state, _ = rt.decode(tokens, state, order=order)
+            order = np.arange(args.beams)
+        return (time.perf_counter() - t) / args.steps * 1000, logits
+
+    times = {"shared": [], "own copy": []}
+    for _ in range(args.repeats):
+        for name, cross in (("shared", shared), ("own copy", own)):
+            ms, _ = steps(cross)
+            times[name].append(ms)
+    diff = float(np.abs(steps(shared)[1] - steps(own)[1]).max())
+    print(f"{args.model} {args.dtype}, {args.beams} beams: ms per step " +
+          ", ".join(f"{k} {np.median(v):.2f}" for k, v in times.items()) + f"; max logit difference {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
