@@ -147,19 +147,27 @@ def forced_openai(model, torch, mel, prompt, n, eot):
         with torch.no_grad():
             features = model.embed_audio(mel)
             tokens = torch.tensor([prompt] * len(mel), device=mel.device)
-            out = []
-            logits = model.decoder(tokens, features, kv_cache=cache)
-            for _ in range(n):
-                last = logits[:, -1].clone()
-                last[:, eot] = -float("inf")
-                nxt = last.argmax(-1, keepdim=True)
-                out.append(nxt)
-                if len(out) < n:
-                    logits = model.decoder(nxt, features, kv_cache=cache)
-            return torch.cat(out, 1).cpu().numpy()
+            logits = model.decoder(tokens, features, kv_cache=cache)[:, -1]
+            return _forced_torch(torch, logits, lambda nxt, i: model.decoder(nxt, features, kv_cache=cache)[:, -1],
+                                 n, eot)
     finally:
         for h in hooks:
             h.remove()
+
+
+def _forced_torch(torch, logits, step, n: int, eot: int) -> np.ndarray:
+    """The PyTorch peers' forced loop: from the prompt's last logits (B, V), `n` greedy
+    tokens with <|endoftext|> never taken; `step(tokens (B, 1), i)` feeds the i-th and
+    returns the next logits (B, V)."""
+    out = []
+    for i in range(n):
+        last = logits.clone()
+        last[:, eot] = -float("inf")
+        nxt = last.argmax(-1, keepdim=True)
+        out.append(nxt)
+        if len(out) < n:
+            logits = step(nxt, i)
+    return torch.cat(out, 1).cpu().numpy()
 
 
 def forced_hf(model, torch, mel, prompt, n, eot):
@@ -167,16 +175,14 @@ def forced_hf(model, torch, mel, prompt, n, eot):
         enc = model.model.encoder(mel)
         out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel), device=mel.device),
                     use_cache=True)
-        tokens = []
-        for _ in range(n):
-            last = out.logits[:, -1].clone()
-            last[:, eot] = -float("inf")
-            nxt = last.argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            if len(tokens) < n:
-                out = model(encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=out.past_key_values,
-                            use_cache=True)
-        return torch.cat(tokens, 1).cpu().numpy()
+        cache = out.past_key_values
+
+        def step(nxt, i):
+            nonlocal cache
+            out = model(encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            return out.logits[:, -1]
+        return _forced_torch(torch, out.logits[:, -1], step, n, eot)
 
 
 def forced_hf_static(m, torch, mel, prompt, n, eot):
@@ -197,16 +203,9 @@ def forced_hf_static(m, torch, mel, prompt, n, eot):
         cache.reset()
         out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel), device=mel.device),
                     past_key_values=cache, cache_position=torch.arange(p, device=mel.device), use_cache=True)
-        logits, tokens = out.logits[:, -1], []
-        for i in range(n):
-            last = logits.clone()
-            last[:, eot] = -float("inf")
-            nxt = last.argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            if len(tokens) < n:
-                logits = step(encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=cache,
-                              cache_position=torch.tensor([p + i], device=mel.device), use_cache=True).logits[:, -1]
-        return torch.cat(tokens, 1).cpu().numpy()
+        return _forced_torch(torch, out.logits[:, -1], lambda nxt, i: step(
+            encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=cache,
+            cache_position=torch.tensor([p + i], device=mel.device), use_cache=True).logits[:, -1], n, eot)
 
 
 def forced_ct2(model, ct2, mel, prompt, n, eot):
