@@ -9,8 +9,8 @@ Two graphs serve a model:
   prompt, every step and every batch size; the row gather reorders beams and drops
   finished rows inside the same call. W windows with B/W rows each (beams) share
   their window's cross K/V row.
-- select: rows of a stacked (L, B, S, D) tensor, to repeat cross K/V per beam or to drop
-  finished windows.
+- select: rows of a stacked (L, B, S, D) tensor, to drop finished windows' cross K/V or
+  give rows of unequal groups one each.
 
 Every weight is a `max.graph.Weight` named as in the checkpoint, bound at load time.
 With `taps=True` each stage's output is also a graph output, so a layer-by-layer parity
@@ -321,12 +321,9 @@ def _by_row(x: TensorValue, b, t) -> TensorValue:
 
 def _alignment_rows(scores: TensorValue, b, t) -> TensorValue:
     """(W, heads, B/W * T, S) scores of grouped rows -> (B, heads, T, S)."""
-    windows, heads, _, s = scores.shape
-    if windows == b:
+    if scores.shape[0] == b:
         return scores
-    group = b // windows
-    x = scores.reshape([windows, heads, group, t, s]).permute([0, 2, 1, 3, 4])
-    return x.reshape([group * windows, heads, t, s]).rebind([b, heads, t, s])
+    return _by_row(scores.permute([0, 2, 1, 3]), b, t).permute([0, 2, 1, 3])
 
 
 def embed_tokens(w: Weights, tokens: TensorValue) -> TensorValue:
