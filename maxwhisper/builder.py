@@ -1,65 +1,37 @@
-"""Walk a ModelSpec and emit MAX graphs: the encoder and the decoder step.
+"""Walk a ModelSpec and emit MAX graphs: encoder, decoder step, row selection.
 
-Two graphs serve a model:
 - encoder: log-mel (B, n_mels, n_frames) -> audio features (B, S, D) and every decoder
   layer's cross-attention K and V, stacked (L, B, S, D): computed once per window.
 - decoder: tokens (B, T), the rows of the cache to continue (B,), self-attention cache
-  K/V (L, B0, P, D), cross K/V (L, W, S, D) -> logits (B, T, V) and the grown cache
-  (L, B, P+T, D). B, B0, W, T and P are symbolic, so one compiled graph serves the
-  prompt, every step and every batch size; the row gather reorders beams and drops
-  finished rows inside the same call. W windows with B/W rows each (beams) share
-  their window's cross K/V row.
+  K/V (L, B0, P, D), cross K/V (L, W, S, D) -> logits (B, K, V) at the asked positions
+  and the grown cache (L, B, P+T, D). B, B0, W, T and P are symbolic, so one compiled
+  graph serves the prompt, every step and every batch size; the row gather reorders
+  beams and drops finished rows inside the same call. W windows with B/W rows each
+  (beams) share their window's cross K/V row.
 - select: rows of a stacked (L, B, S, D) tensor, to drop finished windows' cross K/V or
   give rows of unequal groups one each.
 
-Every weight is a `max.graph.Weight` named as in the checkpoint, bound at load time.
-With `taps=True` each stage's output is also a graph output, so a layer-by-layer parity
-check costs one compile per graph. With `alignment=True` the decoder also returns the
-scaled cross-attention scores of the spec's alignment heads (B, heads, T, S), which word
-timestamps align with dynamic time warping; the hot decoder leaves them out.
+Encoder and decoder are `residual_block` repeated: the block is built once per graph
+as a MAX subgraph and called once per layer with that layer's weight prefix, so MAX
+compiles one block, not n_layer copies, and every weight keeps its one checkpoint
+name. Every weight is a `max.graph.Weight` bound at load time. `GraphOptions.taps`
+makes each stage's output a graph output (layer-by-layer parity for one compile);
+`alignment=True` adds the alignment heads' cross-attention scores (B, heads, T, S),
+which word timestamps align with dynamic time warping.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, Module, StaticDim, TensorType, TensorValue, Weight, ops
 from max.graph.quantization import QuantizationEncoding
 
 from .manifest import manifest
+from .precision import FLOAT32, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SUFFIX, Precision, q4_0_rows, quantized_matrices
 from .spec import SUBLAYER_PREFIX, ModelSpec
-
-
-def is_matrix(name: str, shape) -> bool:
-    """Linear weights and the token embedding: bound in the checkpoint's (out, in) layout
-    and multiplied by `_matmul`, or as Q4_0 blocks."""
-    return name.endswith(".weight") and len(shape) == 2
-
-
-# Q4_0 (GGML's layout): blocks of 32 weights along a row, each an fp16 scale and 32
-# 4-bit values, 18 bytes. MAX's CPU kernel wants rows (outputs) in multiples of 32 too.
-Q4_0_BLOCK, Q4_0_BYTES = 32, 18
-Q4_0_SUFFIX = ".q4_0"
-
-
-def quantized_matrices(spec: ModelSpec) -> list[str]:
-    """The matrices the q4_0 precision binds as 4-bit blocks: the decoder's, which every
-    token reads again (its step is bound by memory traffic, and the logits projection is
-    most of it). The encoder, run once per window and bound by arithmetic, and the cross
-    K/V projections it holds stay float32."""
-    return [name for name, info in manifest(spec).items()
-            if name.startswith("decoder.") and is_matrix(name, info.shape)
-            and ".cross_attn.key." not in name and ".cross_attn.value." not in name]
-
-
-def float_weights(spec: ModelSpec, quantized: bool) -> list[str]:
-    """The names the graphs bind in the model's float dtype: all of them, or under q4_0
-    all but the quantized matrices, save the token embedding, which the embedding lookup
-    still gathers from."""
-    skip = set(quantized_matrices(spec)) - {"decoder.token_embedding.weight"} if quantized else set()
-    return [name for name in manifest(spec) if name not in skip]
-
 
 # How attention is computed. "unfused": softmax(QK^T)V as matmuls and a softmax, on any
 # device (MAX's CPU compiler fuses it itself). "fused": MAX's flash-attention kernel
@@ -76,49 +48,63 @@ def check_attention(attention: str, device: DeviceRef) -> str:
     return attention
 
 
-def q4_0_rows(n: int) -> int:
-    """Rows (outputs) of a matrix as bound in Q4_0: padded with zero rows to a multiple of 32."""
-    return -(-n // Q4_0_BLOCK) * Q4_0_BLOCK
+@dataclass(frozen=True)
+class GraphOptions:
+    """What every graph builder is told besides the spec. `single_row`: see `_matmul`."""
+    precision: Precision = FLOAT32
+    device: DeviceRef = field(default_factory=DeviceRef.CPU)
+    attention: str = "unfused"
+    taps: bool = False
+    single_row: bool = True
+
+    def __post_init__(self):
+        check_attention(self.attention, self.device)
+
+    @property
+    def dtype(self) -> DType:
+        return self.precision.dtype
 
 
 class Weights:
-    """Declares graph weights on first use, with the manifest's (the checkpoint's) shape
-    and one dtype. With `quantized`, the `quantized_matrices` are bound as Q4_0 blocks
-    under `name + ".q4_0"`, which `matmul` uses. `single_row`: see `_matmul`. It also
-    carries the graph's attention kernel choice (`ATTENTION`), which `_attention` reads."""
+    """Declares a graph's weights on first use, with the manifest's (the checkpoint's)
+    shape, in the precision's dtype; under q4_0 the quantized matrices are bound as
+    Q4_0 blocks under `name + ".q4_0"`, which `matmul` uses. Names are relative to
+    `prefix` (a layer's, "decoder.blocks.3."). With `placeholder` (a block's subgraph)
+    they are declared relative too, and each `ops.call` of the subgraph resolves them
+    with its own layer's prefix."""
 
-    def __init__(self, graph: Graph, spec: ModelSpec, dtype: DType, device: DeviceRef, quantized: bool = False,
-                 single_row: bool = True, attention: str = "unfused"):
-        self.graph, self.manifest, self.dtype, self.device = graph, manifest(spec), dtype, device
-        self.single_row = single_row
-        self.fused_attention = check_attention(attention, device) == "fused"
-        self.quantized = frozenset(quantized_matrices(spec)) if quantized else frozenset()
-        self.declared: dict[str, TensorValue] = {}
+    def __init__(self, graph: Graph, spec: ModelSpec, options: GraphOptions, prefix: str = "",
+                 placeholder: bool = False, declared: dict | None = None):
+        self.graph, self.spec, self.options, self.prefix = graph, spec, options, prefix
+        self.manifest, self.placeholder = manifest(spec), placeholder
+        self.quantized = frozenset(quantized_matrices(spec)) if options.precision.quantized else frozenset()
+        self.declared: dict[str, TensorValue] = {} if declared is None else declared
+
+    def at(self, prefix: str) -> Weights:
+        """The same graph's weights, named relative to `prefix`."""
+        return Weights(self.graph, self.spec, self.options, self.prefix + prefix, self.placeholder, self.declared)
+
+    def _declare(self, name: str, dtype: DType, shape, encoding=None) -> TensorValue:
+        name = name if self.placeholder else self.prefix + name
+        if name not in self.declared:  # a tied weight is used twice but declared once
+            self.declared[name] = self.graph.add_weight(Weight(
+                name, dtype, shape, self.options.device, quantization_encoding=encoding,
+                _placeholder=self.placeholder)).tensor
+        return self.declared[name]
 
     def __call__(self, name: str) -> TensorValue:
-        if name not in self.declared:  # a tied weight is used twice but declared once
-            shape = tuple(self.manifest[name].shape)
-            self.declared[name] = self.graph.add_weight(Weight(name, self.dtype, shape, self.device)).tensor
-        return self.declared[name]
+        return self._declare(name, self.options.dtype, tuple(self.manifest[self.prefix + name].shape))
 
     def matmul(self, x: TensorValue, name: str) -> TensorValue:
         """x (..., in) @ the matrix `name`.T -> (..., out)."""
-        if name not in self.quantized:
-            return _matmul(x, self(name), self.single_row)
-        n_out, n_in = self.manifest[name].shape
+        if self.prefix + name not in self.quantized:
+            return _matmul(x, self(name), self.options.single_row)
+        n_out, n_in = self.manifest[self.prefix + name].shape
         *lead, _ = x.shape
-        y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x.reshape([-1, n_in]), self.blocks(name))
+        blocks = self._declare(name + Q4_0_SUFFIX, DType.uint8, (q4_0_rows(n_out), n_in // Q4_0_BLOCK * Q4_0_BYTES),
+                               QuantizationEncoding.Q4_0)
+        y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x.reshape([-1, n_in]), blocks)
         return (y if q4_0_rows(n_out) == n_out else y[:, :n_out]).reshape([*lead, n_out])
-
-    def blocks(self, name: str) -> TensorValue:
-        """The Q4_0 blocks of matrix `name`, (rows padded to 32, bytes per row)."""
-        q = name + Q4_0_SUFFIX
-        if q not in self.declared:
-            n_out, n_in = self.manifest[name].shape
-            shape = (q4_0_rows(n_out), n_in // Q4_0_BLOCK * Q4_0_BYTES)
-            self.declared[q] = self.graph.add_weight(Weight(
-                q, DType.uint8, shape, self.device, quantization_encoding=QuantizationEncoding.Q4_0)).tensor
-        return self.declared[q]
 
 
 def _matmul(x: TensorValue, w: TensorValue, single_row: bool = True) -> TensorValue:
@@ -184,7 +170,7 @@ def _attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_hea
                mask: TensorValue | None = None) -> TensorValue:
     """Scaled dot-product attention over (B, T, D) queries and (B, S, D) keys/values,
     `mask` (T, S) or (1, S) added to the scores."""
-    if w.fused_attention:
+    if w.options.attention == "fused":
         return _flash_attention(q, k, v, n_head, mask)
     b, t, d = q.shape
     scores = _scores(q, k, n_head)
@@ -248,49 +234,6 @@ def _causal_mask(t, p, device: DeviceRef) -> TensorValue:
     return ops.concat([past, upper], axis=1)
 
 
-def encoder_graph(spec: ModelSpec, dtype: DType = DType.float32,
-                  device: DeviceRef | None = None, taps: bool = False,
-                  module: Module | None = None, attention: str = "unfused") -> tuple[Graph, list[str]]:
-    """Returns the graph and the names of its outputs, in order. `attention`: `ATTENTION`."""
-    device = device or DeviceRef.CPU()
-    enc, dec, eps = spec.encoder, spec.decoder, spec.norm_eps
-    mel_type = TensorType(DType.float32, ["batch", spec.audio.n_mels, spec.audio.n_frames], device)
-    names, extra = ["features", "cross_k", "cross_v"], []
-    with Graph(f"{spec.name}_encoder", input_types=[mel_type], module=module) as g:
-        w = Weights(g, spec, dtype, device, attention=attention)
-
-        def tap(name, x):
-            if taps:
-                names.append(name)
-                extra.append(x.cast(DType.float32))
-
-        x = g.inputs[0].tensor.cast(dtype).transpose(1, 2)  # (B, frames, mels)
-        for c in enc.stem:
-            x = _activation(c.activation, _conv1d(w, f"encoder.{c.name}", x, c.kernel, c.stride, c.padding))
-            tap(f"encoder.{c.name}", x)
-        x = x + w("encoder.positional_embedding")
-        tap("encoder.positional_embedding", x)
-        for i in range(enc.n_layer):
-            for kind in enc.block:
-                p = f"encoder.blocks.{i}.{SUBLAYER_PREFIX[kind]}"
-                h = _layer_norm(w, f"{p}_ln", x, eps)
-                if kind == "mlp":
-                    x = x + _mlp(w, p, h)
-                else:
-                    x = x + _linear(w, f"{p}.out", _attention(
-                        w, _linear(w, f"{p}.query", h), _linear(w, f"{p}.key", h, bias=False),
-                        _linear(w, f"{p}.value", h), enc.n_head))
-            tap(f"encoder.blocks.{i}", x)
-        x = _layer_norm(w, f"encoder.{enc.final_norm}", x, eps)
-        ks, vs = [], []
-        for i in range(dec.n_layer):
-            p = f"decoder.blocks.{i}.cross_attn"
-            ks.append(_linear(w, f"{p}.key", x, bias=False))
-            vs.append(_linear(w, f"{p}.value", x))
-        g.output(x, ops.stack(ks), ops.stack(vs), *extra)
-    return g, names
-
-
 def alignment_heads(spec: ModelSpec) -> list[tuple[int, int]]:
     """The spec's [layer, head] pairs; without any, every head of the upper half of the
     decoder, as openai-whisper assumes for checkpoints that name none."""
@@ -326,66 +269,147 @@ def _alignment_rows(scores: TensorValue, b, t) -> TensorValue:
     return _by_row(scores.permute([0, 2, 1, 3]), b, t).permute([0, 2, 1, 3])
 
 
+def residual_block(w: Weights, spec: ModelSpec, part: str, x: TensorValue, self_kv=None,
+                   mask: TensorValue | None = None, cross: tuple[TensorValue, TensorValue] | None = None,
+                   on_cross=None) -> TensorValue:
+    """One block of `part` ("encoder" or "decoder"): x + f(ln(x)) for each sublayer of
+    its `block`, weights named from the layer's prefix. Self-attention attends over
+    `self_kv(k, v)` of its new keys and values (how a cache is kept is the caller's;
+    default: just them), `mask` added to its scores. Cross-attention attends over
+    `cross`, (W, S, D) K and V with one row per window, the B rows grouped by window
+    in runs of B/W (one row each, or a window's beams); `on_cross(q, k)` observes its
+    queries."""
+    sizes = getattr(spec, part)
+    for kind in sizes.block:
+        p = SUBLAYER_PREFIX[kind]
+        h = _layer_norm(w, f"{p}_ln", x, spec.norm_eps)
+        if kind == "mlp":
+            x = x + _mlp(w, p, h)
+            continue
+        q = _linear(w, f"{p}.query", h)
+        if kind == "self_attention":
+            k, v = _linear(w, f"{p}.key", h, bias=False), _linear(w, f"{p}.value", h)
+            k, v = self_kv(k, v) if self_kv else (k, v)
+            o = _attention(w, q, k, v, sizes.n_head, mask)
+        else:
+            k, v = cross
+            o = _by_row(_attention(w, _by_window(q, k.shape[0]), k, v, sizes.n_head), *q.shape[:2])
+            if on_cross:
+                on_cross(q, k)
+        x = x + _linear(w, f"{p}.out", o)
+    return x
+
+
+def _subgraph(g: Graph, name: str, spec: ModelSpec, options: GraphOptions, prefix: str, input_types, body) -> Graph:
+    """`body(weights, *inputs)` as a subgraph of g whose weights are named relative to
+    `prefix`, a representative layer's (they all have the same shapes)."""
+    with g.add_subgraph(name, input_types=input_types, devices=[options.device]) as sub:
+        out = body(Weights(sub, spec, options, prefix, placeholder=True), *(v.tensor for v in sub.inputs))
+        sub.output(*out)
+    return sub
+
+
+def _call(sub: Graph, *args, prefix: str) -> list[TensorValue]:
+    return [v.tensor for v in ops.call(sub, *args, prefix=prefix)]
+
+
+def encoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(),
+                  module: Module | None = None) -> tuple[Graph, list[str]]:
+    """Returns the graph and the names of its outputs, in order."""
+    device, dtype = options.device, options.dtype
+    enc, dec = spec.encoder, spec.decoder
+    mel_type = TensorType(DType.float32, ["batch", spec.audio.n_mels, spec.audio.n_frames], device)
+    x_type = TensorType(dtype, ["batch", enc.n_ctx, enc.n_state], device)
+    names, extra = ["features", "cross_k", "cross_v"], []
+    with Graph(f"{spec.name}_encoder", input_types=[mel_type], module=module) as g:
+        # Subgraphs first: one added after other ops fails to compile in MAX 26.7
+        # ("Expressions are not (currently) allowed in function signatures").
+        block = _subgraph(g, "encoder_block", spec, options, "encoder.blocks.0.", [x_type],
+                          lambda bw, x: [residual_block(bw, spec, "encoder", x)])
+        w = Weights(g, spec, options)
+
+        def tap(name, x):
+            if options.taps:
+                names.append(name)
+                extra.append(x.cast(DType.float32))
+
+        x = g.inputs[0].tensor.cast(dtype).transpose(1, 2)  # (B, frames, mels)
+        for c in enc.stem:
+            x = _activation(c.activation, _conv1d(w, f"encoder.{c.name}", x, c.kernel, c.stride, c.padding))
+            tap(f"encoder.{c.name}", x)
+        x = x + w("encoder.positional_embedding")
+        tap("encoder.positional_embedding", x)
+        for i in range(enc.n_layer):
+            x, = _call(block, x, prefix=f"encoder.blocks.{i}.")
+            tap(f"encoder.blocks.{i}", x)
+        x = _layer_norm(w, f"encoder.{enc.final_norm}", x, spec.norm_eps)
+        # Every decoder layer's cross-attention K and V, once per window. Inline: MAX
+        # 26.7 fails to compile two calls of one subgraph on the same input value.
+        cross = [w.at(f"decoder.blocks.{i}.cross_attn.") for i in range(dec.n_layer)]
+        g.output(x, ops.stack([_linear(c, "key", x, bias=False) for c in cross]),
+                 ops.stack([_linear(c, "value", x) for c in cross]), *extra)
+    return g, names
+
+
 def embed_tokens(w: Weights, tokens: TensorValue) -> TensorValue:
     """(B, T) token ids -> (B, T, D): rows of the (V, D) embedding."""
     return ops.gather(w("decoder.token_embedding.weight"), tokens, axis=0)
 
 
-def decoder_layers(w: Weights, spec: ModelSpec, x: TensorValue, self_kv, cross_k: TensorValue,
-                   cross_v: TensorValue, mask: TensorValue, on_cross=None, on_layer=None,
-                   logits_at: TensorValue | None = None) -> TensorValue:
-    """The decoder blocks and the logits (B, T, V) float32 for embedded tokens x (B, T, D).
-    `self_kv(i, k, v)` gets layer i's new keys and values (B, T, D) and returns those to
-    attend over: how the cache is kept is the caller's. `mask` is added to the
-    self-attention scores. `cross_k`/`cross_v` (L, W, S, D): one row per window, the B
-    rows grouped by window in runs of B/W (one row each, or a window's beams).
-    `on_cross(i, q)` and `on_layer(i, x)` observe the cross-attention
-    queries and each block's output. `logits_at` (K,): the positions to give logits
-    for, (B, K, V); the vocabulary projection is most of a pass's work and a prompt
-    needs two of its positions, not all."""
-    dec, eps = spec.decoder, spec.norm_eps
-    for i in range(dec.n_layer):
-        for kind in dec.block:
-            pre = f"decoder.blocks.{i}.{SUBLAYER_PREFIX[kind]}"
-            h = _layer_norm(w, f"{pre}_ln", x, eps)
-            if kind == "mlp":
-                x = x + _mlp(w, pre, h)
-                continue
-            q = _linear(w, f"{pre}.query", h)
-            if kind == "self_attention":
-                k, v = self_kv(i, _linear(w, f"{pre}.key", h, bias=False), _linear(w, f"{pre}.value", h))
-                o = _attention(w, q, k, v, dec.n_head, mask)
-            else:
-                k, v = cross_k[i], cross_v[i]
-                o = _by_row(_attention(w, _by_window(q, k.shape[0]), k, v, dec.n_head), *q.shape[:2])
-                if on_cross:
-                    on_cross(i, q)
-            x = x + _linear(w, f"{pre}.out", o)
-        if on_layer:
-            on_layer(i, x)
-    if logits_at is not None:
-        x = ops.gather(x, logits_at, axis=1)
-    x = _layer_norm(w, f"decoder.{dec.final_norm}", x, eps)
+def logits_head(w: Weights, spec: ModelSpec, x: TensorValue, at: TensorValue | None = None) -> TensorValue:
+    """The final norm and the tied vocabulary projection: (B, T, D) -> (B, T, V) float32,
+    or (B, K, V) at the positions `at` (K,): the projection is most of a pass's work
+    and a prompt needs two of its positions, not all."""
+    if at is not None:
+        x = ops.gather(x, at, axis=1)
+    x = _layer_norm(w, f"decoder.{spec.decoder.final_norm}", x, spec.norm_eps)
     return w.matmul(x, "decoder.token_embedding.weight").cast(DType.float32)
 
 
-def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceRef | None = None,
-                  taps: bool = False, alignment: bool = False,
-                  module: Module | None = None, quantized: bool = False,
-                  attention: str = "unfused") -> tuple[Graph, list[str]]:
+def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: bool) -> Graph:
+    """The decoder step's block: (x (B, T, D), cached K and V (B, P, D), cross K and V
+    (W, S, D), the causal mask (T, KV)) -> (x, the cache grown to KV = P + T, and with
+    `alignment` every head's scaled cross-attention scores (B, H, T, S) float32).
+    MAX 26.7 admits no dimension expressions in a subgraph's signature, so the grown
+    length comes in as the mask's own dimension."""
+    dec, dt, dev = spec.decoder, options.dtype, options.device
+    rows = TensorType(dt, ["batch", "seq", dec.n_state], dev)
+    cache = TensorType(dt, ["batch", "past", dec.n_state], dev)
+    cross = TensorType(dt, ["windows", "audio", dec.n_state], dev)
+    mask = TensorType(DType.float32, ["seq", "kv"], dev)
+
+    def body(w, x, past_k, past_v, cross_k, cross_v, mask):
+        grown, scores = [], []
+
+        def self_kv(k, v):
+            grown[:] = [ops.concat([past, new], axis=1).rebind([x.shape[0], mask.shape[1], dec.n_state])
+                        for past, new in ((past_k, k), (past_v, v))]
+            return grown
+
+        def on_cross(q, k):
+            scores.append(_alignment_rows(_scores(_by_window(q, k.shape[0]), k, dec.n_head), *q.shape[:2]))
+
+        x = residual_block(w, spec, "decoder", x, self_kv, mask, (cross_k, cross_v), on_cross if alignment else None)
+        return [x, *grown, *scores]
+
+    name = "decoder_block" + ("_alignment" if alignment else "")
+    return _subgraph(g, name, spec, options, "decoder.blocks.0.", [rows, cache, cache, cross, cross, mask], body)
+
+
+def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), alignment: bool = False,
+                  module: Module | None = None) -> tuple[Graph, list[str]]:
     """Returns the graph and the names of its outputs, in order.
 
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
     continues, self K and V (L, B0, P, D), cross K and V (L, W, S, D) of the W windows
     whose rows (B = W x group, grouped by window) these are, logits_at (K,) int64: the
     positions of T to give logits for, (B, K, V). The caller keeps
-    P + T <= decoder.n_ctx (the runtime checks it). `taps` implies `alignment`.
-    `quantized`: the `quantized_matrices` multiply as Q4_0 (float32 activations).
-    `attention`: `ATTENTION`.
+    P + T <= decoder.n_ctx (the runtime checks it). Taps imply `alignment`.
     """
-    device = device or DeviceRef.CPU()
+    device, dtype = options.device, options.dtype
     dec = spec.decoder
     L, D = dec.n_layer, dec.n_state
+    alignment = alignment or options.taps
     types = [TensorType(DType.int64, ["batch", "seq"], device),
              TensorType(DType.int64, ["batch"], device),
              TensorType(dtype, [L, "cache_batch", "past", D], device),
@@ -395,12 +419,12 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
              TensorType(DType.int64, ["keep"], device)]
     names, extra = ["logits", "self_k", "self_v"], []
     heads_by_layer: dict[int, list[int]] = {}
-    for layer, head in sorted(alignment_heads(spec)) if (alignment or taps) else []:
+    for layer, head in sorted(alignment_heads(spec)) if alignment else []:
         heads_by_layer.setdefault(layer, []).append(head)
-    qks = []
-    name = f"{spec.name}_decoder" + ("_alignment" if heads_by_layer else "") + ("_q4_0" if quantized else "")
+    name = f"{spec.name}_decoder" + ("_alignment" if alignment else "")
     with Graph(name, input_types=types, module=module) as g:
-        w = Weights(g, spec, dtype, device, quantized, attention=attention)
+        block = _decoder_block(g, spec, options, alignment)  # first, as in encoder_graph
+        w = Weights(g, spec, options)
         tokens, order, self_k, self_v, cross_k, cross_v, logits_at = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)
@@ -409,40 +433,30 @@ def decoder_graph(spec: ModelSpec, dtype: DType = DType.float32, device: DeviceR
         stop = ops.shape_to_tensor([p + t]).reshape([])
         pos = ops.slice_tensor(w("decoder.positional_embedding"), [(slice(start, stop), t), slice(None)])
         x = embed_tokens(w, tokens) + pos
-        mask = _causal_mask(t, p, device)
-        new_k, new_v = [], []
-
-        def self_kv(i, k, v):  # the cache grows by the new tokens
-            new_k.append(ops.concat([self_k[i], k], axis=1))
-            new_v.append(ops.concat([self_v[i], v], axis=1))
-            return new_k[-1], new_v[-1]
-
-        def on_cross(i, q):
+        mask = _causal_mask(t, p, device).rebind([t, "kv"])
+        new_k, new_v, qks = [], [], []
+        for i in range(L):
+            x, k, v, *scores = _call(block, x, self_k[i], self_v[i], cross_k[i], cross_v[i], mask,
+                                     prefix=f"decoder.blocks.{i}.")
+            new_k.append(k.rebind([k.shape[0], p + t, D]))
+            new_v.append(v.rebind([v.shape[0], p + t, D]))
             if i in heads_by_layer:
-                idx = ops.constant(heads_by_layer[i], DType.int64, device)
-                k = cross_k[i]
-                scores = ops.gather(_scores(_by_window(q, k.shape[0]), k, dec.n_head), idx, axis=1)
-                qks.append(_alignment_rows(scores, *q.shape[:2]))
-
-        def on_layer(i, x):
-            if taps:
+                qks.append(ops.gather(scores[0], ops.constant(heads_by_layer[i], DType.int64, device), axis=1))
+            if options.taps:
                 names.append(f"decoder.blocks.{i}")
                 extra.append(x.cast(DType.float32))
-
-        logits = decoder_layers(w, spec, x, self_kv, cross_k, cross_v, mask, on_cross, on_layer, logits_at)
         if qks:
             names.append("alignment_qk")
             extra.append(ops.concat(qks, axis=1) if len(qks) > 1 else qks[0])
-        g.output(logits, ops.stack(new_k), ops.stack(new_v), *extra)
+        g.output(logits_head(w, spec, x, logits_at), ops.stack(new_k), ops.stack(new_v), *extra)
     return g, names
 
 
-def select_graph(dtype: DType, device: DeviceRef | None = None, module: Module | None = None) -> Graph:
+def select_graph(options: GraphOptions = GraphOptions(), module: Module | None = None) -> Graph:
     """Rows (axis 1) of a stacked (L, B, S, D) tensor: idx (N,) -> (L, N, S, D)."""
-    device = device or DeviceRef.CPU()
-    types = [TensorType(dtype, ["layers", "rows", "length", "width"], device),
-             TensorType(DType.int64, ["n"], device)]
-    with Graph(f"select_rows_{dtype}", input_types=types, module=module) as g:
+    types = [TensorType(options.dtype, ["layers", "rows", "length", "width"], options.device),
+             TensorType(DType.int64, ["n"], options.device)]
+    with Graph(f"select_rows_{options.dtype}", input_types=types, module=module) as g:
         x, idx = (v.tensor for v in g.inputs)
         g.output(ops.gather(x, idx, axis=1))
     return g

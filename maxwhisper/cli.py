@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .builder import ATTENTION
 from .registry import DEFAULT_MODEL
-from .runtime import PRECISIONS
+from .precision import PRECISIONS
 from .spec import SpecError, load_spec
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 from .weights import WeightsError
@@ -31,7 +32,7 @@ def _spec_check(args) -> None:
 
 
 def _convert(args) -> None:
-    from converters import convert
+    from .convert import convert
 
     out = convert(args.src, load_spec(args.spec), args.out, args.format)
     print(f"wrote {out}")
@@ -53,7 +54,7 @@ def _transcribe(args) -> int:
         raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
 
     # Compiled once for every input.
-    model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
     loaded: list[str] = []
     failed = 0
@@ -92,6 +93,25 @@ def _transcribe(args) -> int:
     return 2 if failed else 0
 
 
+def _warmup(args) -> None:
+    from .model import load_model
+
+    model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
+    model.runtime.warmup(word_timestamps=not args.no_word_timestamps)
+    print(f"{args.model}: compiled for {model.device} ({model.precision}); later loads read it from the cache")
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name or converted .safetensors (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="precision of weights and activations (auto: bfloat16 on a GPU, float32 on the CPU; "
+                        "q4_0: CPU only, the decoder's matrices in 4-bit blocks, faster, words may differ)")
+    p.add_argument("--attention", default="unfused", choices=ATTENTION,
+                   help="fused: MAX's flash-attention kernel (GPU only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maxwhisper", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,14 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("transcribe", help="transcribe audio files")
     tr.add_argument("audio", nargs="+", help="audio files (WAV/FLAC/OGG; more with ffmpeg installed)")
-    tr.add_argument("--model", default=DEFAULT_MODEL,
-                    help=f"model name or converted .safetensors (default {DEFAULT_MODEL})")
-    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    tr.add_argument("--dtype", default="auto", choices=["auto", *PRECISIONS],
-                    help="precision of weights and activations (auto: bfloat16 on a GPU, float32 on the CPU; "
-                         "q4_0: CPU only, the decoder's matrices in 4-bit blocks, faster, words may differ)")
-    tr.add_argument("--attention", default="unfused", choices=ATTENTION,
-                    help="fused: MAX's flash-attention kernel (GPU only; not yet measured on one)")
+    _model_arguments(tr)
     tr.add_argument("--language", default=None, help="language code; detected when omitted")
     tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     tr.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
@@ -156,17 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="audio files decoded together, one window each per step (default 8)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
     tr.set_defaults(func=_transcribe)
-    from . import bench
 
-    be = sub.add_parser("bench", help="time maxwhisper against its peers on the same inputs",
-                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(be)
-    be.set_defaults(func=bench.main)
+    warm = sub.add_parser("warmup", help="compile a model now, for images, servers and workers",
+                          description="Compile a model's graphs ahead of time into the cache "
+                                      "(MAXWHISPER_CACHE), so that the first transcription starts at once.")
+    _model_arguments(warm)
+    warm.add_argument("--no-word-timestamps", action="store_true",
+                      help="leave out the alignment decoder that word timestamps compile on first use")
+    warm.set_defaults(func=_warmup)
     return parser
+
+
+def _show_progress_notes() -> None:
+    """The library's notes (a cold compile starting and ending) on stderr."""
+    log = logging.getLogger("maxwhisper")
+    if not any(getattr(h, "maxwhisper_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.maxwhisper_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_progress_notes()
     try:
         rc = args.func(args)
     except (SpecError, WeightsError, ValueError, RuntimeError, FileNotFoundError) as e:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, Module, TensorType, TensorValue, ops
 
-from .builder import Weights, decoder_layers, embed_tokens
+from .builder import GraphOptions, Weights, embed_tokens, logits_head, residual_block
 from .spec import ModelSpec
 
 NONE = -1  # "no token yet" in the last/previous-token state
@@ -70,9 +70,8 @@ def _timestamp_rules(logits, last, prev, last_ts, ids, eot: int, tb: int, device
     return ops.where((mass > text_max) & ~is_ts, neg, logits)
 
 
-def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType = DType.float32,
-                 device: DeviceRef | None = None, module: Module | None = None, quantized: bool = False,
-                 attention: str = "unfused") -> Graph:
+def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, options: GraphOptions = GraphOptions(),
+                 module: Module | None = None) -> Graph:
     """Inputs: logits for the first sampled token (B, V) float32; the prompt's self K and
     V (L, B, P, D); cross K and V (L, B, S, D); `suppress` (V,), added to every step's
     logits, and `begin` (V,), added at the first sampled token only (0 or -inf each);
@@ -80,8 +79,16 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType =
 
     Outputs: tokens (B, n_ctx) int64, the sampled ones first, then <|endoftext|>;
     summed log-probabilities (B,) float32 up to and including each row's first
-    <|endoftext|>; the number of tokens sampled (int64 scalar). `attention`: builder.ATTENTION."""
-    device = device or DeviceRef.CPU()
+    <|endoftext|>; the number of tokens sampled (int64 scalar).
+
+    The loop body inlines its layers: MAX 26.7 verifies an `ops.call` of a block
+    subgraph while the body is still detached from the module, and refuses it ("does
+    not reference a valid graph"). So does the single-row `ops.cond` of
+    builder._matmul ("operand does not dominate this use"); this loop is the
+    accelerator's greedy decode, where that CPU choice does not apply anyway.
+    """
+    options = GraphOptions(options.precision, options.device, options.attention, single_row=False)
+    device, dtype = options.device, options.dtype
     cpu = DeviceRef.CPU()
     dec, V = spec.decoder, spec.vocab.n_vocab
     L, D, C = dec.n_layer, dec.n_state, dec.n_ctx
@@ -94,11 +101,8 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType =
              TensorType(f32, [V], device),
              TensorType(f32, [V], device),
              TensorType(i64, [], cpu)]
-    with Graph(f"{spec.name}_greedy" + ("_q4_0" if quantized else ""), input_types=types, module=module) as g:
-        # MAX 26.7 cannot verify the single-row ops.cond of builder._matmul inside a
-        # while_loop body ("operand does not dominate this use"); this loop is the
-        # accelerator's greedy decode, where that CPU choice does not apply anyway.
-        w = Weights(g, spec, dtype, device, quantized, single_row=False, attention=attention)
+    with Graph(f"{spec.name}_greedy", input_types=types, module=module) as g:
+        w = Weights(g, spec, options)
         logits0, prompt_k, prompt_v, cross_k, cross_v, suppress, begin, max_new = (v.tensor for v in g.inputs)
         b, p0 = logits0.shape[0], prompt_k.shape[2]
         ids = ops.range(0, V, 1, out_dim=V, dtype=i64, device=device).reshape([1, V])
@@ -141,12 +145,14 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, dtype: DType =
             here = (slots == pos).reshape([1, C, 1])
             mask = ops.where(slots <= pos, zero_f, _neg_inf(device)).reshape([1, C])
             new = list(caches)
+            for i in range(L):
+                def self_kv(k, v, i=i):
+                    new[i], new[L + i] = ops.where(here, k, caches[i]), ops.where(here, v, caches[L + i])
+                    return new[i], new[L + i]
 
-            def self_kv(i, k, v):
-                new[i], new[L + i] = ops.where(here, k, caches[i]), ops.where(here, v, caches[L + i])
-                return new[i], new[L + i]
-
-            logits = decoder_layers(w, spec, x, self_kv, cross_k, cross_v, mask).reshape([b, V])
+                x = residual_block(w.at(f"decoder.blocks.{i}."), spec, "decoder", x, self_kv, mask,
+                                   (cross_k[i], cross_v[i]))
+            logits = logits_head(w, spec, x).reshape([b, V])
             last, prev, last_ts, sum_lp, tokens = pick(logits, last, prev, last_ts, sum_lp, tokens, step)
             return [step + 1, last, prev, last_ts, sum_lp, tokens, *new]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +20,28 @@ class Whisper:
     """A compiled model with its tokenizer; compile once, transcribe many."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], tokenizer_json: str | Path,
-                 device: str = "auto", dtype: str | None = None, attention: str = "unfused"):
+                 device: str = "auto", precision: str | None = None, attention: str = "unfused",
+                 greedy_on_device: bool | None = None):
         self.spec = spec
         self.tokenizer = WhisperTokenizer(tokenizer_json, spec)
-        self.runtime = CompiledWhisper(spec, weights, device=device, dtype=dtype, attention=attention)
+        self.runtime = CompiledWhisper(spec, weights, device=device, precision=precision, attention=attention,
+                                       greedy_on_device=greedy_on_device)
+
+    def placed(self, greedy_on_device: bool) -> Whisper:
+        """This model, compiled graphs shared, with greedy decoding on the device or the host."""
+        other = copy.copy(self)
+        other.runtime = self.runtime.placed(greedy_on_device)
+        return other
 
     @property
     def device(self) -> str:
         return self.runtime.device_name
 
     @property
-    def dtype(self) -> str:
-        """The weights' and activations' precision: 'float32', 'float16', 'bfloat16' or
-        'q4_0' (the decoder's matrices in 4-bit blocks, the rest float32)."""
-        return self.runtime.precision
+    def precision(self) -> str:
+        """'float32', 'float16', 'bfloat16' or 'q4_0' (the decoder's matrices in 4-bit
+        blocks, the rest float32)."""
+        return self.runtime.precision.name
 
     @property
     def is_multilingual(self) -> bool:
@@ -71,17 +80,21 @@ def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", spec: str | None = None,
-               dtype: str | None = None, attention: str = "unfused") -> Whisper:
+               precision: str | None = None, attention: str = "unfused",
+               greedy_on_device: bool | None = None) -> Whisper:
     """A built-in model name (its weight package must be installed; converted once into
     the cache) or a converted .safetensors file / directory, with tokenizer.json beside it.
-    `dtype`: 'float32', 'float16', 'bfloat16', 'q4_0' (CPU: the decoder's matrices in
-    4-bit blocks, about 2x faster per token on tiny.en, words may differ in places), or None for
-    the device's default (bfloat16 on a GPU, float32 on the CPU). `attention`: 'unfused',
-    or 'fused' for MAX's flash-attention kernel (GPU only, not yet measured on one)."""
+    `precision`: 'float32', 'float16', 'bfloat16', 'q4_0' (CPU: the decoder's matrices in
+    4-bit blocks, faster per token, words may differ in places; docs/transcription.md),
+    or None for the device's default (bfloat16 on a GPU, float32 on the CPU).
+    `attention`: 'unfused', or 'fused' for MAX's flash-attention kernel (GPU only).
+    `greedy_on_device`: greedy decoding as one device loop; default on a GPU only.
+    The first load on a machine compiles the graphs (announced on the `maxwhisper`
+    logger); later loads read them compiled from the cache."""
     path = Path(name_or_path)
     if path.exists():
         weights, tokenizer, model_spec = _local_files(path, spec)
     else:
         weights, tokenizer, model_spec = ensure_converted(str(name_or_path))
-    return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device, dtype=dtype,
-                   attention=attention)
+    return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device, precision=precision,
+                   attention=attention, greedy_on_device=greedy_on_device)

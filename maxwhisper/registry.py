@@ -91,7 +91,7 @@ def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
                            f"convert a checkpoint with `maxwhisper convert SRC --spec {name} --out FILE` "
                            "and load that file")
     parts, tok_src = package_files(name)
-    from converters import ctranslate2
+    from .convert import ctranslate2
 
     tensors = ctranslate2.read(parts[0], spec, parts=parts)
     target.mkdir(parents=True, exist_ok=True)

@@ -12,22 +12,19 @@ same graphs (docs/design.md, "Start-up").
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 from max.driver import CPU, Accelerator, Buffer, accelerator_count
-from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Module
 
-from .builder import (Q4_0_BLOCK, Q4_0_SUFFIX, check_attention, decoder_graph, encoder_graph, float_weights,
-                      q4_0_rows, quantized_matrices, select_graph)
+from .builder import GraphOptions, decoder_graph, encoder_graph, select_graph
+from .compiled import compile_module
+from .precision import Precision, bound_weights, resolve_precision
 from .spec import ModelSpec
 from .weights import check_arrays
-
-DTYPES = {"float32": DType.float32, "float16": DType.float16, "bfloat16": DType.bfloat16}
-# q4_0: the decoder's matrices in 4-bit blocks, everything else float32 (CPU only).
-PRECISIONS = (*DTYPES, "q4_0")
 
 
 def resolve_device(device: str) -> str:
@@ -38,51 +35,6 @@ def resolve_device(device: str) -> str:
     if device == "gpu" and accelerator_count() == 0:
         raise RuntimeError("device='gpu' was asked for, but MAX sees no accelerator")
     return device
-
-
-def resolve_dtype(dtype: str | DType | None, device_name: str) -> DType:
-    """The activations' dtype. None or 'auto': bfloat16 on a GPU, float32 on the CPU,
-    where MAX 26.7 has no fast bfloat16 kernels (docs/benchmarks.md). 'q4_0' computes
-    in float32 and is for the CPU only: MAX's Q4_0 matmul is a CPU kernel."""
-    if isinstance(dtype, DType) and dtype in DTYPES.values():
-        return dtype
-    if dtype in (None, "auto"):
-        return DType.bfloat16 if device_name == "gpu" else DType.float32
-    if dtype not in PRECISIONS:
-        raise ValueError(f"dtype must be 'auto', {', '.join(map(repr, PRECISIONS))}, found {dtype!r}")
-    if dtype == "q4_0" and device_name != "cpu":
-        raise ValueError("dtype 'q4_0' runs on the CPU only (MAX's Q4_0 matmul is a CPU kernel); "
-                         "use 'bfloat16' or 'float16' on a GPU")
-    return DType.float32 if dtype == "q4_0" else DTYPES[dtype]
-
-
-def bfloat16_bits(a: np.ndarray) -> np.ndarray:
-    """numpy has no bfloat16: float32 rounded to its top 16 bits (to nearest, ties to
-    even), as uint16, for MAX to read as bfloat16."""
-    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def weight_array(a: np.ndarray, dtype: DType) -> np.ndarray | Buffer:
-    """A checkpoint tensor as the graph binds it: in its own layout, in `dtype`."""
-    if dtype == DType.bfloat16:
-        return Buffer.from_numpy(bfloat16_bits(a)).view(DType.bfloat16, list(a.shape))
-    return np.ascontiguousarray(a, dtype=np.float16 if dtype == DType.float16 else np.float32)
-
-
-def q4_0_blocks(name: str, a: np.ndarray) -> np.ndarray:
-    """A checkpoint matrix (out, in) as MAX's Q4_0 matmul binds it: rows of 18-byte
-    blocks (GGML's Q4_0, quantized by the gguf package), zero rows added up to a
-    multiple of 32."""
-    from gguf import GGMLQuantizationType, quants
-
-    n_out, n_in = a.shape
-    if n_in % Q4_0_BLOCK:
-        raise ValueError(f"{name}: q4_0 needs the input width to be a multiple of {Q4_0_BLOCK}, "
-                         f"found shape {a.shape}")
-    padded = np.zeros((q4_0_rows(n_out), n_in), np.float32)
-    padded[:n_out] = a
-    return quants.quantize(padded, GGMLQuantizationType.Q4_0)
 
 
 @dataclass
@@ -96,50 +48,77 @@ class DecoderState:
 
 
 class CompiledWhisper:
-    """A spec's graphs, compiled once, with weights bound by name in one dtype.
+    """A spec's graphs, compiled once, with weights bound by name in one precision.
+
+    `precision`: a `precision.PRECISIONS` name or None for the device's default.
     `attention`: 'unfused' or 'fused' (MAX's flash-attention kernel, GPU only; not yet
-    the GPU's default: no session has measured it on one, docs/benchmarks.md)."""
+    the GPU's default, docs/benchmarks.md). `greedy_on_device`: greedy decoding as one
+    device loop (loop.py) instead of a host loop of steps; default on a GPU only, since
+    on the CPU the device loop measured slower (docs/benchmarks.md)."""
 
     def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray], device: str = "cpu",
-                 dtype: str | DType | None = None, taps: bool = False, attention: str = "unfused"):
+                 precision: str | Precision | None = None, taps: bool = False, attention: str = "unfused",
+                 greedy_on_device: bool | None = None):
         self.spec = spec
         self.device_name = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device_name)
-        self.quantized = dtype == "q4_0"
-        self.precision = "q4_0" if self.quantized else next(k for k, v in DTYPES.items() if v == self.dtype)
+        self.precision = resolve_precision(precision, self.device_name)
         self.device = Accelerator() if self.device_name == "gpu" else CPU()
-        self._ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
-        self.attention = check_attention(attention, self._ref)
+        ref = DeviceRef.GPU() if self.device_name == "gpu" else DeviceRef.CPU()
+        self.options = GraphOptions(self.precision, ref, attention, taps)
+        self._greedy_on_device = self.device_name == "gpu" if greedy_on_device is None else bool(greedy_on_device)
         check_arrays(spec, weights, "weights given to CompiledWhisper")
-        self._registry = {k: weight_array(weights[k], self.dtype) for k in float_weights(spec, self.quantized)}
-        if self.quantized:
-            self._registry.update({k + Q4_0_SUFFIX: q4_0_blocks(k, weights[k]) for k in quantized_matrices(spec)})
+        self._registry = bound_weights(spec, weights, self.precision)
         self._session = InferenceSession(devices=[self.device])
         outputs = {}
 
         def encoder(module):
-            g, outputs["encoder"] = encoder_graph(spec, self.dtype, self._ref, taps, module=module,
-                                                  attention=self.attention)
+            g, outputs["encoder"] = encoder_graph(spec, self.options, module)
             return g
 
         def decoder(module):
-            g, outputs["decoder"] = decoder_graph(spec, self.dtype, self._ref, taps, module=module,
-                                                  quantized=self.quantized, attention=self.attention)
+            g, outputs["decoder"] = decoder_graph(spec, self.options, module=module)
             return g
 
         self._encoder, self._decoder, self._selector = self._compile(
-            encoder, decoder, lambda module: select_graph(self.dtype, self._ref, module))
+            "graphs", encoder, decoder, lambda module: select_graph(self.options, module))
         self.encoder_outputs, self.decoder_outputs = outputs["encoder"], outputs["decoder"]
         self._aligner = self._greedy = None
-        # decoding.decode's switch for greedy decoding. On the CPU the device loop measured
-        # about 1.2x slower than the host's (docs/benchmarks.md); it is for accelerators.
-        self.greedy_on_device = self.device_name == "gpu"
 
-    def _compile(self, *builders):
-        """Build graphs into one module, compile (or find in MAX's cache) and bind weights."""
+    @property
+    def dtype(self):
+        """The activations' MAX DType."""
+        return self.precision.dtype
+
+    @property
+    def attention(self) -> str:
+        return self.options.attention
+
+    @property
+    def greedy_on_device(self) -> bool:
+        return self._greedy_on_device
+
+    def placed(self, greedy_on_device: bool) -> CompiledWhisper:
+        """This model, its compiled graphs shared, with greedy decoding placed on the
+        device or the host."""
+        other = copy.copy(self)
+        other._greedy_on_device = bool(greedy_on_device)
+        return other
+
+    def warmup(self, word_timestamps: bool = True) -> None:
+        """Compile now what would otherwise compile on first use: the alignment decoder
+        (word timestamps) and, where greedy decoding runs on the device, its loop."""
+        if word_timestamps:
+            self._alignment_decoder()
+        if self.greedy_on_device:
+            self._greedy_loop()
+
+    def _compile(self, what: str, *builders):
+        """Build graphs into one module, load it compiled (compiled.py) and bind weights."""
         module = Module()
         graphs = [build(module) for build in builders]
-        models = self._session.load_all(module, weights_registry=self._registry)
+        label = f"{self.spec.name}-{what}-{self.precision.name}-{self.options.attention}-{self.device_name}"
+        models = self._session.init_all(compile_module(self._session, module, label, self.device),
+                                        weights_registry=self._registry)
         return [models[g.name] for g in graphs]
 
     def _put(self, a: np.ndarray) -> Buffer:
@@ -183,11 +162,7 @@ class CompiledWhisper:
     def align(self, tokens: np.ndarray, state: DecoderState) -> tuple[np.ndarray, np.ndarray]:
         """One pass of the alignment decoder: logits (B, T, V) and the alignment heads'
         scaled cross-attention scores (B, heads, T, S)."""
-        if self._aligner is None:
-            self._aligner, = self._compile(
-                lambda module: decoder_graph(self.spec, self.dtype, self._ref, alignment=True, module=module,
-                                             quantized=self.quantized, attention=self.attention)[0])
-        logits, _, extra = self._step(self._aligner, tokens, state, None, None)
+        logits, _, extra = self._step(self._alignment_decoder(), tokens, state, None, None)
         return logits, extra[-1].to_numpy()
 
     def greedy(self, first_logits: np.ndarray, state: DecoderState, suppress: np.ndarray, begin: np.ndarray,
@@ -199,16 +174,28 @@ class CompiledWhisper:
         if state.length + max_new > self.spec.decoder.n_ctx or max_new < 1:
             raise ValueError(f"{state.length} prompt + {max_new} new tokens must fit the text context "
                              f"of {self.spec.decoder.n_ctx}")
-        if self._greedy is None:
-            from .loop import greedy_graph
-
-            self._greedy, = self._compile(lambda module: greedy_graph(
-                self.spec, eot, timestamp_begin, self.dtype, self._ref, module, self.quantized, self.attention))
-        tokens, sum_logprob, n = self._greedy.execute(
+        tokens, sum_logprob, n = self._greedy_loop(eot, timestamp_begin).execute(
             self._put(first_logits.astype(np.float32)), state.self_k, state.self_v, state.cross_k, state.cross_v,
             self._put(suppress.astype(np.float32)), self._put(begin.astype(np.float32)),
             Buffer.from_numpy(np.array(max_new, np.int64)))
         return tokens.to_numpy()[:, : int(n.to_numpy())], sum_logprob.to_numpy()
+
+    def _alignment_decoder(self):
+        if self._aligner is None:
+            self._aligner, = self._compile("alignment", lambda module: decoder_graph(
+                self.spec, self.options, alignment=True, module=module)[0])
+        return self._aligner
+
+    def _greedy_loop(self, eot: int | None = None, timestamp_begin: int | None = None):
+        if self._greedy is None:
+            from .loop import greedy_graph
+            from .tokenizer import special_ids
+
+            if eot is None:
+                eot, timestamp_begin = special_ids(self.spec)
+            self._greedy, = self._compile("greedy", lambda module: greedy_graph(
+                self.spec, eot, timestamp_begin, self.options, module))
+        return self._greedy
 
     def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at):
         tokens = np.asarray(tokens, dtype=np.int64)

@@ -30,6 +30,15 @@ class TokenizerError(ValueError):
     pass
 
 
+def special_ids(spec) -> tuple[int, int]:
+    """(<|endoftext|>, the first timestamp) of a spec's vocabulary: the special tokens
+    follow the text vocabulary (eot, sot, languages, translate, transcribe, startoflm,
+    startofprev, nospeech, notimestamps), then the timestamps fill it."""
+    v = spec.vocab
+    eot = v.n_vocab - N_TIMESTAMPS - 7 - v.num_languages - 1
+    return eot, eot + 2 + v.num_languages + 6
+
+
 class WhisperTokenizer:
     def __init__(self, tokenizer_json: str | Path, spec: ModelSpec, language: str | None = None,
                  task: str = "transcribe"):
@@ -45,7 +54,7 @@ class WhisperTokenizer:
         self.languages = LANGUAGES[: v.num_languages] if v.multilingual else []
         # Special tokens follow the text vocabulary: eot, sot, languages, translate,
         # transcribe, startoflm, startofprev, nospeech, notimestamps, timestamps.
-        self.eot = v.n_vocab - N_TIMESTAMPS - 7 - v.num_languages - 1
+        self.eot, _ = special_ids(spec)
         self.sot = self.eot + 1
         self.language_begin = self.sot + 1
         after = self.language_begin + v.num_languages

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maxwhisper.spec import load_spec, parse_spec
+from maxwhisper.spec import load_spec
 
 
 def _reference_modules():
@@ -23,33 +23,22 @@ WER_ROWS: list[tuple[str, float, str]] = []  # (clip, word error rate, transcrip
 WORD_ROWS: list[tuple[str, str, int, float, float, float]] = []
 PRECISION_ROWS: list[tuple[str, str, str]] = []  # (dtype, check, result)
 
-# A variant that exists in no checkpoint: 1 encoder layer, 2 decoder layers, narrow.
-# It proves that numbers and depth are data: no code knows about it.
-SMALL_VARIANT = {
-    "name": "micro-2dec",
-    "audio": {"n_mels": 80, "sample_rate": 16000, "n_fft": 400, "hop_length": 160, "chunk_seconds": 30},
-    "vocab": {"n_vocab": 51864, "tokenizer": "gpt2", "multilingual": False, "num_languages": 99},
-    "encoder": {"n_ctx": 1500, "n_state": 64, "n_head": 2, "n_layer": 1, "mlp_ratio": 4,
-                "stem": [{"name": "conv1", "kernel": 3, "stride": 1, "padding": 1, "activation": "gelu"},
-                         {"name": "conv2", "kernel": 3, "stride": 2, "padding": 1, "activation": "gelu"}],
-                "positional_embedding": "sinusoidal", "block": ["self_attention", "mlp"], "final_norm": "ln_post"},
-    "decoder": {"n_ctx": 448, "n_state": 64, "n_head": 2, "n_layer": 2, "mlp_ratio": 4,
-                "positional_embedding": "learned", "block": ["self_attention", "cross_attention", "mlp"],
-                "final_norm": "ln", "output": "tied_embedding"},
-    "norm_eps": 1e-5,
-    "alignment_heads": [[1, 0]],
-}
+SPECS_DIR = __import__("pathlib").Path(__file__).parent / "data" / "specs"
+# A variant that exists in no checkpoint (1 encoder layer, 2 decoder layers, narrow), as
+# a user would write one: a file of a few lines over the shared defaults.
+SMALL_VARIANT_FILE = SPECS_DIR / "micro-2dec.yaml"
+SMALL_VARIANT = __import__("yaml").safe_load(SMALL_VARIANT_FILE.read_text())
 
 
 def get_spec(name: str):
-    return parse_spec(SMALL_VARIANT, "<tests/conftest.py>") if name == SMALL_VARIANT["name"] else load_spec(name)
+    return load_spec(SMALL_VARIANT_FILE) if name == SMALL_VARIANT["name"] else load_spec(name)
 
 
 def reference_model(spec, seed: int = 0):
-    """openai-whisper's Whisper with seeded random weights (bench.openai_random_model);
+    """openai-whisper's Whisper with seeded random weights (peers.openai_random_model);
     layer norms perturbed too, so that a swapped weight and bias cannot pass."""
     torch, _ = _reference_modules()
-    from maxwhisper.bench import openai_random_model
+    from benchmarks.peers import openai_random_model
 
     model = openai_random_model(spec, seed)
     with torch.no_grad():
@@ -146,7 +135,7 @@ def real_model(name: str, dtype: str | None = None):
     import maxwhisper
 
     if (name, dtype) not in _MODELS:
-        _MODELS[name, dtype] = maxwhisper.load_model(name, device="cpu", dtype=dtype)
+        _MODELS[name, dtype] = maxwhisper.load_model(name, device="cpu", precision=dtype)
     return _MODELS[name, dtype]
 
 

@@ -11,12 +11,12 @@ import re
 import numpy as np
 import pytest
 from max.driver import accelerator_count
-from max.dtype import DType
-from max.graph import DeviceRef
+from max.graph import DeviceRef, Module
 
 from conftest import SMALL_VARIANT, get_spec, reference_model
-from maxwhisper.builder import ATTENTION, check_attention, decoder_graph, encoder_graph
+from maxwhisper.builder import ATTENTION, GraphOptions, check_attention, decoder_graph, encoder_graph
 from maxwhisper.loop import greedy_graph
+from maxwhisper.precision import PRECISIONS
 from maxwhisper.runtime import CompiledWhisper
 from maxwhisper.spec import parse_spec
 
@@ -33,28 +33,41 @@ def test_fused_attention_is_refused_on_the_cpu():
         CompiledWhisper(get_spec("micro-2dec"), {}, device="cpu", attention="fused")
 
 
-def _kernels(graph) -> tuple[int, int]:
-    text = str(graph)
-    return len(re.findall(re.escape(FLASH), text)), len(re.findall(re.escape(MASKED), text))
+def _built(build, options: GraphOptions) -> str:
+    """The MLIR text of a module holding the graph `build(options, module)` makes, and
+    its block subgraphs."""
+    module = Module()
+    build(options, module)
+    return str(module.mlir_module)
 
 
-@pytest.mark.parametrize("dtype", [DType.bfloat16, DType.float32])
-def test_gpu_graphs_build_on_the_cpu(dtype):
+def _kernels(text: str) -> tuple[int, int, int]:
+    """(unmasked flash kernels, masked ones, block calls) in a module's text."""
+    return tuple(len(re.findall(re.escape(op), text)) for op in (FLASH, MASKED, "mo.call"))
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_gpu_graphs_build_on_the_cpu(precision):
     spec = get_spec("tiny.en")
-    gpu, enc, dec = DeviceRef.GPU(), spec.encoder.n_layer, spec.decoder.n_layer
-    # Encoder self-attention unmasked; in the decoder, cross-attention unmasked and the
-    # masked self-attention over the cache (the step graph and the device loop).
-    assert _kernels(encoder_graph(spec, dtype, gpu, attention="fused")[0]) == (enc, 0)
-    assert _kernels(decoder_graph(spec, dtype, gpu, attention="fused")[0]) == (dec, dec)
-    assert _kernels(decoder_graph(spec, dtype, gpu, alignment=True, attention="fused")[0]) == (dec, dec)
-    assert _kernels(greedy_graph(spec, 50256, 50363, dtype, gpu, attention="fused")) == (dec, dec)
+    enc, dec = spec.encoder.n_layer, spec.decoder.n_layer
+    fused, unfused = (GraphOptions(PRECISIONS[precision], DeviceRef.GPU(), a) for a in ("fused", "unfused"))
+    encoder = lambda o, m: encoder_graph(spec, o, m)
+    step = lambda o, m: decoder_graph(spec, o, module=m)
+    aligner = lambda o, m: decoder_graph(spec, o, alignment=True, module=m)
+    loop = lambda o, m: greedy_graph(spec, 50256, 50363, o, m)
+    # One block subgraph holds the kernels, called once per layer. Encoder
+    # self-attention unmasked; in the decoder, cross-attention unmasked and the masked
+    # self-attention over the cache. The device loop inlines its layers.
+    assert _kernels(_built(encoder, fused)) == (1, 0, enc)
+    assert _kernels(_built(step, fused)) == (1, 1, dec)
+    assert _kernels(_built(aligner, fused)) == (1, 1, dec)
+    assert _kernels(_built(loop, fused)) == (dec, dec, 0)
     # The GPU's unfused graphs build too, kernel-free, and without the CPU's single-row
     # choice (builder._matmul's `ops.cond`, an `mo.if`).
-    step = decoder_graph(spec, dtype, gpu)[0]
-    assert _kernels(encoder_graph(spec, dtype, gpu)[0]) == (0, 0)
-    assert _kernels(step) == (0, 0) and "mo.if" not in str(step)
-    assert _kernels(greedy_graph(spec, 50256, 50363, dtype, gpu)) == (0, 0)
-    assert "mo.if" in str(decoder_graph(spec, dtype, DeviceRef.CPU())[0])
+    assert _kernels(_built(encoder, unfused)) == (0, 0, enc)
+    assert _kernels(_built(step, unfused)) == (0, 0, dec) and "mo.if" not in _built(step, unfused)
+    assert _kernels(_built(loop, unfused)) == (0, 0, 0)
+    assert "mo.if" in _built(step, GraphOptions(PRECISIONS[precision]))
 
 
 # --- on a GPU ---------------------------------------------------------------------------
@@ -76,7 +89,7 @@ def gpu_models():
     spec = parse_spec(HEADS_64, "<tests/test_attention.py>")
     ref = reference_model(spec)
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    return ref, {(d, a): CompiledWhisper(spec, sd, device="gpu", dtype=d, attention=a)
+    return ref, {(d, a): CompiledWhisper(spec, sd, device="gpu", precision=d, attention=a)
                  for d in ("float32", "bfloat16") for a in ATTENTION}
 
 

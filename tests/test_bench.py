@@ -8,35 +8,31 @@ import json
 import numpy as np
 import pytest
 
-from maxwhisper import bench
+from benchmarks import bench, peers
 from maxwhisper.audio import log_mel_spectrogram
 
 pytest.importorskip("whisper", reason="the benchmark's peers need openai-whisper: pip install -e '.[test]'")
 
 
 def test_forced_workload_is_the_same_work_for_every_system(tiny_en):
-    weights, spec, ct2_dir = bench._weights("tiny.en")
+    weights, spec, ct2_dir = peers.converted_weights("tiny.en")
     tok = tiny_en.tokenizer
     prompt = tok.sot_sequence + [tok.no_timestamps]
     mel = log_mel_spectrogram(bench.speech_audio(30.0), spec.audio)[None, :, : spec.audio.n_frames]
     mel = np.ascontiguousarray(np.repeat(mel, 2, 0), np.float32)
-    ours = bench.forced_maxwhisper(tiny_en, mel, prompt, 12, tok.eot)
+    ours = peers.forced_maxwhisper(tiny_en, mel, prompt, 12, tok.eot)
     assert ours.shape == (2, 12) and tok.eot not in ours
-    loop = tiny_en.runtime.greedy_on_device
-    tiny_en.runtime.greedy_on_device = not loop  # the other greedy loop, device or host
-    try:
-        np.testing.assert_array_equal(bench.forced_maxwhisper(tiny_en, mel, prompt, 12, tok.eot), ours)
-    finally:
-        tiny_en.runtime.greedy_on_device = loop
-    model, torch = bench._openai_model(weights, spec)
-    np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
-    model, torch = bench._hf_model(weights, spec)
-    np.testing.assert_array_equal(bench.forced_hf(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
-    compiled, torch = bench._hf_compiled_model(weights, spec, "cpu", mel, prompt, 12, tok.eot)
+    other = tiny_en.placed(greedy_on_device=not tiny_en.runtime.greedy_on_device)  # the other greedy loop
+    np.testing.assert_array_equal(peers.forced_maxwhisper(other, mel, prompt, 12, tok.eot), ours)
+    model, torch = peers.openai_model(weights, spec)
+    np.testing.assert_array_equal(peers.forced_openai(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
+    model, torch = peers.hf_model(weights, spec)
+    np.testing.assert_array_equal(peers.forced_hf(model, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
+    compiled, torch = peers.hf_compiled_model(weights, spec, "cpu", mel, prompt, 12, tok.eot)
     np.testing.assert_array_equal(
-        bench.forced_hf_static(compiled, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
-    model, ct2 = bench._ct2_model(ct2_dir, "float32", 2)
-    np.testing.assert_array_equal(bench.forced_ct2(model, ct2, mel, prompt, 12, tok.eot), ours)
+        peers.forced_hf_static(compiled, torch, torch.from_numpy(mel), prompt, 12, tok.eot), ours)
+    model, ct2 = peers.ct2_model(ct2_dir, "float32", 2)
+    np.testing.assert_array_equal(peers.forced_ct2(model, ct2, mel, prompt, 12, tok.eot), ours)
 
 
 def test_report_table_json_and_chart(tiny_en, tmp_path, monkeypatch):
@@ -57,21 +53,21 @@ def test_report_table_json_and_chart(tiny_en, tmp_path, monkeypatch):
 
 
 def test_several_precisions_one_row_each(model_cache):
-    report = bench.run("tiny.en", workload="forced", tokens=4, repeats=1, peers=(), dtype=("float32", "q4_0"))
+    report = bench.run("tiny.en", workload="forced", tokens=4, repeats=1, peers=(), precision=("float32", "q4_0"))
     assert [r["system"] for r in report["rows"]] == ["maxwhisper (cpu, fp32, host loop)",
                                                      "maxwhisper (cpu, q4_0, host loop)"]
-    assert report["dtypes"] == ["float32", "q4_0"] and all(r["tokens"] == 4 for r in report["rows"])
+    assert report["precisions"] == ["float32", "q4_0"] and all(r["tokens"] == 4 for r in report["rows"])
 
 
 def test_attention_kernels_are_rows_and_reach_the_startup_program(model_cache):
     """--attention fused unfused gives a row per kernel on a GPU; on the CPU the fused
     kernel is refused with the reason, and a new process is told which kernel to load."""
     with pytest.raises(ValueError, match="attention 'fused' runs on a GPU only"):
-        bench.run("tiny.en", workload="forced", tokens=2, repeats=1, peers=(), dtype="float32",
+        bench.run("tiny.en", workload="forced", tokens=2, repeats=1, peers=(), precision="float32",
                   attention=("unfused", "fused"))
     (name, code), = bench._startup_scripts("tiny.en", "gpu", [("bfloat16", "fused")], 5.0, None, 2, ())
     assert name == "maxwhisper (gpu, bfloat16, fused attention)"
-    assert "load_model('tiny.en', device='gpu', dtype='bfloat16', attention='fused')" in code
+    assert "load_model('tiny.en', device='gpu', precision='bfloat16', attention='fused')" in code
 
 
 def test_random_weights_are_the_same_weights_for_every_system(model_cache):
@@ -81,17 +77,17 @@ def test_random_weights_are_the_same_weights_for_every_system(model_cache):
     from maxwhisper.spec import load_spec
 
     spec = load_spec("tiny.en")
-    weights = bench.random_weights(spec)
-    ours = bench._random_model(spec, weights, "cpu", "float32")
+    weights = peers.random_weights(spec)
+    ours = peers.random_model(spec, weights, "cpu", "float32")
     tok = ours.tokenizer
     prompt = tok.sot_sequence + [tok.no_timestamps]
     mel = log_mel_spectrogram(bench.speech_audio(30.0), spec.audio)[None, :, : spec.audio.n_frames]
     mel = np.ascontiguousarray(mel, np.float32)
-    got = bench.forced_maxwhisper(ours, mel, prompt, 6, tok.eot)
-    model, torch = bench._openai_model(weights, spec)
-    np.testing.assert_array_equal(bench.forced_openai(model, torch, torch.from_numpy(mel), prompt, 6, tok.eot), got)
+    got = peers.forced_maxwhisper(ours, mel, prompt, 6, tok.eot)
+    model, torch = peers.openai_model(weights, spec)
+    np.testing.assert_array_equal(peers.forced_openai(model, torch, torch.from_numpy(mel), prompt, 6, tok.eot), got)
 
-    report = bench.run("tiny.en", weights="random", workload="forced", tokens=4, repeats=1, dtype="float32",
+    report = bench.run("tiny.en", weights="random", workload="forced", tokens=4, repeats=1, precision="float32",
                        peers=("openai-whisper", "faster-whisper"))
     rows = {r["system"]: r for r in report["rows"]}
     assert rows["maxwhisper (cpu, fp32, host loop)"]["tokens"] == rows["openai-whisper (PyTorch, cpu, fp32)"]["tokens"] == 4
@@ -108,11 +104,11 @@ def test_random_weights_take_a_tokenizer_file(model_cache, tmp_path):
 
     copy = tmp_path / "tokenizer.json"
     copy.write_bytes(package_files("tiny.en")[1].read_bytes())
-    report = bench.run("tiny.en", weights="random", workload="forced", tokens=2, repeats=1, dtype="float32",
+    report = bench.run("tiny.en", weights="random", workload="forced", tokens=2, repeats=1, precision="float32",
                        peers=(), tokenizer=str(copy))
     assert report["rows"][0]["tokens"] == 2
     with pytest.raises(TokenizerError, match="missing.json: tokenizer.json not found"):
-        bench.run("tiny.en", weights="random", workload="forced", tokens=2, repeats=1, dtype="float32",
+        bench.run("tiny.en", weights="random", workload="forced", tokens=2, repeats=1, precision="float32",
                   peers=(), tokenizer=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="--tokenizer goes with --weights random"):
         bench.run("tiny.en", workload="forced", tokenizer=str(copy))

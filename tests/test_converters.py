@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_VARIANT, reference_model
-from converters import convert, detect_format
-from converters.ctranslate2 import read_container
+from maxwhisper.convert import convert, detect_format
+from maxwhisper.convert.ctranslate2 import read_container
 from maxwhisper.registry import PACKAGES, cache_dir, ensure_converted, package_files
 from maxwhisper.spec import load_spec, parse_spec
 from maxwhisper.weights import WeightsError, load_weights

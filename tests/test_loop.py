@@ -2,8 +2,6 @@
 same tokens, timestamps and scores, with and without timestamps, with previous text,
 in batches, and cut at sample_len."""
 
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 
@@ -12,22 +10,9 @@ from maxwhisper.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from maxwhisper.decoding import DecodingOptions, decode
 
 
-@contextmanager
-def greedy_on_device(model, flag: bool):
-    old, model.runtime.greedy_on_device = model.runtime.greedy_on_device, flag
-    try:
-        yield
-    finally:
-        model.runtime.greedy_on_device = old
-
-
 def both(model, run):
-    """`run()` with greedy decoding on the device, then on the host."""
-    with greedy_on_device(model, True):
-        dev = run()
-    with greedy_on_device(model, False):
-        host = run()
-    return dev, host
+    """`run(m)` with `model`'s greedy decoding placed on the device, then on the host."""
+    return run(model.placed(greedy_on_device=True)), run(model.placed(greedy_on_device=False))
 
 
 def assert_same_segments(dev: dict, host: dict):
@@ -41,7 +26,7 @@ def assert_same_segments(dev: dict, host: dict):
 
 @pytest.mark.parametrize("clip", sorted(speech_clips()))
 def test_device_loop_equals_host_greedy(tiny_en, clip):
-    dev, host = both(tiny_en, lambda: tiny_en.transcribe(clip, temperature=0.0))
+    dev, host = both(tiny_en, lambda m: m.transcribe(clip, temperature=0.0))
     assert dev["segments"], "the clip has speech"
     assert_same_segments(dev, host)
 
@@ -49,14 +34,14 @@ def test_device_loop_equals_host_greedy(tiny_en, clip):
 def test_device_loop_with_previous_text_and_without_timestamps(tiny_en):
     audio, _ = joined(["01", "02", "03", "04", "05", "06"])  # > 30 s: windows prompted with earlier text
     for opts in (dict(), dict(without_timestamps=True)):
-        dev, host = both(tiny_en, lambda: tiny_en.transcribe(audio, temperature=0.0, **opts))
+        dev, host = both(tiny_en, lambda m: m.transcribe(audio, temperature=0.0, **opts))
         assert len(dev["segments"]) > 1
         assert_same_segments(dev, host)
 
 
 def test_device_loop_batches_equal_host(tiny_en):
     clips = [load_audio(c) for c in sorted(speech_clips())[:3]]
-    dev, host = both(tiny_en, lambda: tiny_en.transcribe_many(clips, batch_size=3, temperature=0.0))
+    dev, host = both(tiny_en, lambda m: m.transcribe_many(clips, batch_size=3, temperature=0.0))
     for d, h in zip(dev, host):
         assert_same_segments(d, h)
 
@@ -67,7 +52,7 @@ def test_device_loop_stops_at_sample_len(tiny_en):
     mel = np.stack([mel] * 2).astype(np.float32)
     _, ck, cv = tiny_en.runtime.encode(mel)[:3]
     opts = DecodingOptions(sample_len=4)
-    dev, host = both(tiny_en, lambda: decode(tiny_en.runtime, tiny_en.tokenizer, (ck, cv), opts))
+    dev, host = both(tiny_en, lambda m: decode(m.runtime, m.tokenizer, (ck, cv), opts))
     assert [len(r.tokens) for r in dev] == [4, 4]
     assert [r.tokens for r in dev] == [r.tokens for r in host]
 

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import PRECISION_ROWS, real_model, speech_clips
 from maxwhisper.audio import load_audio, log_mel_spectrogram, pad_or_trim
-from maxwhisper.runtime import bfloat16_bits, resolve_dtype
+from maxwhisper.precision import PRECISIONS, bfloat16_bits, resolve_precision
 
 def test_bfloat16_rounding_equals_torch():
     import torch
@@ -19,14 +19,15 @@ def test_bfloat16_rounding_equals_torch():
     np.testing.assert_array_equal(bfloat16_bits(x), want)
 
 
-def test_dtype_defaults_and_refusals():
+def test_precision_defaults_and_refusals():
     from max.dtype import DType
 
-    assert resolve_dtype(None, "cpu") == DType.float32
-    assert resolve_dtype("auto", "gpu") == DType.bfloat16
-    assert resolve_dtype("float16", "cpu") == DType.float16
-    with pytest.raises(ValueError, match="dtype must be 'auto', 'float32', 'float16', 'bfloat16', 'q4_0', found 'int8'"):
-        resolve_dtype("int8", "cpu")
+    assert resolve_precision(None, "cpu") == PRECISIONS["float32"]
+    assert resolve_precision("auto", "gpu").dtype == DType.bfloat16
+    assert resolve_precision("float16", "cpu").dtype == DType.float16
+    with pytest.raises(ValueError, match="precision must be 'auto', 'float32', 'float16', 'bfloat16', 'q4_0', "
+                                         "found 'int8'"):
+        resolve_precision("int8", "cpu")
 
 
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
@@ -57,10 +58,10 @@ def _openai_logits(model, dtype: str | None) -> np.ndarray:
     its GPU half-precision path keeps them."""
     import torch
 
-    from maxwhisper import bench
+    from benchmarks import peers
 
-    weights, spec, _ = bench._weights("tiny.en")
-    ref, _ = bench._openai_model(weights, spec)
+    weights, spec, _ = peers.converted_weights("tiny.en")
+    ref, _ = peers.openai_model(weights, spec)
     if dtype:
         ref = ref.to(getattr(torch, dtype))
         for m in ref.modules():
@@ -86,19 +87,19 @@ def test_logits_as_close_to_float32_as_openai_whisper_in_the_same_dtype(low, tin
     runner-up is wider than the low-precision logits can resolve (logits leave the graph
     in the model dtype, as openai-whisper's do: a bfloat16 logit near 11 has steps of 1/16)."""
     want = _our_logits(tiny_en)
-    got, theirs = _our_logits(low), _openai_logits(low, low.dtype)
+    got, theirs = _our_logits(low), _openai_logits(low, low.precision)
     ours_err, theirs_err = _rel(got, want), _rel(theirs, _openai_logits(low, None))
-    PRECISION_ROWS.append((low.dtype, "prompt logits, rel. error vs float32",
+    PRECISION_ROWS.append((low.precision, "prompt logits, rel. error vs float32",
                            f"ours {ours_err:.1e}, openai-whisper {theirs_err:.1e}"))
     top2 = np.sort(want, -1)[:, -2:]
-    resolvable = top2[:, 1] - top2[:, 0] > 2 * EPS[low.dtype] * np.abs(top2[:, 1])
+    resolvable = top2[:, 1] - top2[:, 0] > 2 * EPS[low.precision] * np.abs(top2[:, 1])
     changed = np.argmax(got, -1) != np.argmax(want, -1)
     assert not np.any(changed & resolvable), f"top token changed at positions {np.flatnonzero(changed & resolvable)}"
-    assert ours_err <= 2 * theirs_err, f"{low.dtype}: ours {ours_err:.2e} vs openai-whisper's {theirs_err:.2e}"
+    assert ours_err <= 2 * theirs_err, f"{low.precision}: ours {ours_err:.2e} vs openai-whisper's {theirs_err:.2e}"
 
 
 def test_transcript_equals_float32(low, tiny_en):
     got = low.transcribe(CLIP, temperature=0.0)["text"].strip()
     want = tiny_en.transcribe(CLIP, temperature=0.0)["text"].strip()
-    PRECISION_ROWS.append((low.dtype, CLIP.rsplit("/", 1)[-1], "equal" if got == want else f"{got!r} vs {want!r}"))
+    PRECISION_ROWS.append((low.precision, CLIP.rsplit("/", 1)[-1], "equal" if got == want else f"{got!r} vs {want!r}"))
     assert got == want

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import PRECISION_ROWS, real_model, speech_clips
-from maxwhisper.builder import quantized_matrices
-from maxwhisper.runtime import q4_0_blocks, resolve_dtype
+from maxwhisper.precision import q4_0_blocks, quantized_matrices, resolve_precision
 from maxwhisper.model import Whisper
 
 gguf = pytest.importorskip("gguf", reason="q4_0 quantizes with the gguf package (a runtime dependency)")
@@ -43,9 +42,10 @@ def test_only_the_decoders_per_token_matrices_are_quantized(tiny_en):
 def test_q4_0_is_for_the_cpu():
     from max.dtype import DType
 
-    assert resolve_dtype("q4_0", "cpu") == DType.float32
-    with pytest.raises(ValueError, match="dtype 'q4_0' runs on the CPU only"):
-        resolve_dtype("q4_0", "gpu")
+    q4 = resolve_precision("q4_0", "cpu")
+    assert q4.quantized and q4.dtype == DType.float32
+    with pytest.raises(ValueError, match="precision 'q4_0' runs on the CPU only"):
+        resolve_precision("q4_0", "gpu")
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,13 @@ def test_logits_equal_float32_on_the_dequantized_weights(q4, tiny_en):
     """The q4_0 graph computes what float32 computes on the same 4-bit weights, up to MAX
     quantizing each row of activations to 8 bits (GGML's Q8_0) inside the matmul: a
     wrong block order, row padding or vocabulary slice would be off by the logits' scale."""
-    from maxwhisper import bench
+    from benchmarks import peers
     from maxwhisper.registry import ensure_converted
     from test_precision import _our_logits
 
-    weights, spec, _ = bench._weights("tiny.en")
+    weights, spec, _ = peers.converted_weights("tiny.en")
     deq = {k: (_dequantized(k, v)[: v.shape[0]] if k in set(quantized_matrices(spec)) else v) for k, v in weights.items()}
-    same_weights = Whisper(spec, deq, ensure_converted("tiny.en")[1], device="cpu", dtype="float32")
+    same_weights = Whisper(spec, deq, ensure_converted("tiny.en")[1], device="cpu", precision="float32")
     want, got, full = _our_logits(same_weights), _our_logits(q4), _our_logits(tiny_en)
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     quant_err = float(np.linalg.norm(got - full) / np.linalg.norm(full))

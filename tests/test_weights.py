@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import SMALL_VARIANT, reference_model
-from converters import convert
+from maxwhisper.convert import convert
 from maxwhisper.cli import main
 from maxwhisper.manifest import manifest
 from maxwhisper.spec import parse_spec

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maxwhisper.spec import ModelSpec
-from maxwhisper.weights import WeightsError
+from ..spec import ModelSpec
+from ..weights import WeightsError
 
 _LAYER = {
     "self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
@@ -31,7 +31,7 @@ _TOP = {
     "model.decoder.embed_positions.weight": "decoder.positional_embedding",
     "model.decoder.layer_norm": "decoder.ln",
 }
-_CONFIG = {"num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
+CONFIG_DIMS = {"num_mel_bins": "n_mels", "max_source_positions": "n_audio_ctx", "d_model": "n_audio_state",
            "encoder_attention_heads": "n_audio_head", "encoder_layers": "n_audio_layer",
            "vocab_size": "n_vocab", "max_target_positions": "n_text_ctx",
            "decoder_attention_heads": "n_text_head", "decoder_layers": "n_text_layer"}
@@ -59,7 +59,7 @@ def read(src: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     if not config_path.is_file():
         raise WeightsError(f"{src}: not a Hugging Face model directory (no config.json)")
     config = json.loads(config_path.read_text())
-    wrong = {ours: (spec.dims[ours], config.get(hf)) for hf, ours in _CONFIG.items()
+    wrong = {ours: (spec.dims[ours], config.get(hf)) for hf, ours in CONFIG_DIMS.items()
              if config.get(hf) != spec.dims[ours]}
     if wrong:
         detail = ", ".join(f"{k}: spec {a}, checkpoint {b}" for k, (a, b) in wrong.items())

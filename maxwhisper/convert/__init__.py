@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maxwhisper.spec import ModelSpec
-from maxwhisper.weights import WeightsError, save_weights
+from ..spec import ModelSpec
+from ..weights import WeightsError, save_weights
 
 
 def detect_format(src: str | Path) -> str:

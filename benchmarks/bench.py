@@ -1,7 +1,7 @@
 """Side-by-side benchmark: maxwhisper and its peers in one run, same machine, same inputs.
 
-    maxwhisper bench --model tiny.en --device cpu --workload forced --batch 1 --tokens 128
-    maxwhisper bench --model tiny.en --workload speech --seconds 30 --out bench.json --chart bench.png
+    python -m benchmarks.bench --model tiny.en --device cpu --workload forced --batch 1 --tokens 128
+    python -m benchmarks.bench --model tiny.en --workload speech --seconds 30 --out bench.json --chart bench.png
 
 Workloads:
 - forced: N windows of a 30 s speech log-mel, exactly --tokens greedy tokens each, the
@@ -38,8 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .builder import ATTENTION
-from .runtime import PRECISIONS
+from maxwhisper.builder import ATTENTION
+from maxwhisper.precision import PRECISIONS
+
+from benchmarks.peers import (converted_weights, ct2_model, forced_ct2, forced_hf, forced_hf_static, forced_maxwhisper,
+                              forced_openai, hf_compiled_model, hf_model, openai_model, random_model,
+                              random_weights, torch_input)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +61,7 @@ class Row:
 
 def speech_audio(seconds: float) -> np.ndarray:
     """The committed speech clips joined with 1 s gaps, cut to `seconds`."""
-    from .audio import load_audio
+    from maxwhisper.audio import load_audio
 
     clips = sorted((ROOT / "tests" / "data" / "speech").glob("*.wav"))
     if not clips:
@@ -79,200 +83,6 @@ def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
     return statistics.median(times), times, out
 
 
-def _weights(model: str) -> tuple[dict[str, np.ndarray], object, Path]:
-    """Our converted weights (float32), spec and the CTranslate2 model directory."""
-    from .registry import ctranslate2_dir, ensure_converted
-    from .weights import load_weights
-
-    path, _, spec = ensure_converted(model)
-    return {k: v.astype(np.float32) for k, v in load_weights(path, spec).items()}, spec, ctranslate2_dir(model)
-
-
-def openai_random_model(spec, seed: int = 0):
-    """openai-whisper's `Whisper` of `spec`'s dimensions with its own random
-    initialisation, seeded (torch and openai-whisper: benchmark and test dependencies)."""
-    import torch
-    from whisper.model import ModelDimensions, Whisper
-
-    torch.manual_seed(seed)
-    model = Whisper(ModelDimensions(**spec.dims)).eval()
-    with torch.no_grad():  # left as torch.empty by openai-whisper: uninitialised memory, even NaN
-        model.decoder.positional_embedding.normal_(0.0, 0.02)
-    return model
-
-
-def random_weights(spec, seed: int = 0) -> dict[str, np.ndarray]:
-    """`openai_random_model`'s weights: the same for every system, for sizes no package
-    carries."""
-    return {k: v.numpy() for k, v in openai_random_model(spec, seed).state_dict().items()}
-
-
-def _random_model(spec, weights: dict[str, np.ndarray], device: str, dtype: str, tokenizer: str | None = None,
-                  attention: str = "unfused"):
-    """Our model on `random_weights`, with `tokenizer` (a tokenizer.json; default: the
-    installed package's that fits, English-only or multilingual): the forced workload
-    needs only its special tokens."""
-    from .model import Whisper
-    from .registry import package_files
-
-    if tokenizer is None:
-        tokenizer = package_files("base" if spec.vocab.multilingual else "tiny.en")[1]
-    return Whisper(spec, weights, tokenizer, device=device, dtype=dtype, attention=attention)
-
-
-# --- forced-token workload -------------------------------------------------------------
-
-def forced_maxwhisper(m, mel: np.ndarray, prompt: list[int], n: int, eot: int) -> np.ndarray:
-    rt = m.runtime
-    _, ck, cv = rt.encode(mel)[:3]
-    logits, state, _ = rt.decode(np.array([prompt] * len(mel)), rt.start(ck, cv), logits_at=[-1])
-    if rt.greedy_on_device:  # the whole loop in one call (loop.py), <|endoftext|> masked out
-        never = np.zeros(logits.shape[-1], np.float32)
-        never[eot] = -np.inf
-        return rt.greedy(logits[:, -1], state, never, np.zeros_like(never), n, eot, m.tokenizer.timestamp_begin)[0]
-    out = []
-    for _ in range(n):
-        last = logits[:, -1].copy()
-        last[:, eot] = -np.inf
-        nxt = np.argmax(last, axis=-1)
-        out.append(nxt)
-        if len(out) < n:
-            logits, state, _ = rt.decode(nxt[:, None], state)
-    return np.stack(out, 1)
-
-
-def forced_openai(model, torch, mel, prompt, n, eot):
-    cache, hooks = model.install_kv_cache_hooks()
-    try:
-        with torch.no_grad():
-            features = model.embed_audio(mel)
-            tokens = torch.tensor([prompt] * len(mel), device=mel.device)
-            logits = model.decoder(tokens, features, kv_cache=cache)[:, -1]
-            return _forced_torch(torch, logits, lambda nxt, i: model.decoder(nxt, features, kv_cache=cache)[:, -1],
-                                 n, eot)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _forced_torch(torch, logits, step, n: int, eot: int) -> np.ndarray:
-    """The PyTorch peers' forced loop: from the prompt's last logits (B, V), `n` greedy
-    tokens with <|endoftext|> never taken; `step(tokens (B, 1), i)` feeds the i-th and
-    returns the next logits (B, V)."""
-    out = []
-    for i in range(n):
-        last = logits.clone()
-        last[:, eot] = -float("inf")
-        nxt = last.argmax(-1, keepdim=True)
-        out.append(nxt)
-        if len(out) < n:
-            logits = step(nxt, i)
-    return torch.cat(out, 1).cpu().numpy()
-
-
-def forced_hf(model, torch, mel, prompt, n, eot):
-    with torch.no_grad():
-        enc = model.model.encoder(mel)
-        out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel), device=mel.device),
-                    use_cache=True)
-        cache = out.past_key_values
-
-        def step(nxt, i):
-            nonlocal cache
-            out = model(encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            return out.logits[:, -1]
-        return _forced_torch(torch, out.logits[:, -1], step, n, eot)
-
-
-def forced_hf_static(m, torch, mel, prompt, n, eot):
-    """forced_hf with transformers' static KV cache (fixed shapes every step) and the
-    decoder step under torch.compile: `m` is (model, compiled model, caches). One cache
-    per shape, reset between runs: CUDA graphs replay on the same memory."""
-    from transformers import EncoderDecoderCache, StaticCache
-
-    model, step, caches = m
-    p = len(prompt)
-    with torch.no_grad():
-        enc = model.model.encoder(mel)
-        key = (len(mel), p + n, enc.last_hidden_state.shape[1])
-        if key not in caches:
-            caches[key] = EncoderDecoderCache(StaticCache(model.config, max_cache_len=key[1]),
-                                              StaticCache(model.config, max_cache_len=key[2]))
-        cache = caches[key]
-        cache.reset()
-        out = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([prompt] * len(mel), device=mel.device),
-                    past_key_values=cache, cache_position=torch.arange(p, device=mel.device), use_cache=True)
-        return _forced_torch(torch, out.logits[:, -1], lambda nxt, i: step(
-            encoder_outputs=enc, decoder_input_ids=nxt, past_key_values=cache,
-            cache_position=torch.tensor([p + i], device=mel.device), use_cache=True).logits[:, -1], n, eot)
-
-
-def forced_ct2(model, ct2, mel, prompt, n, eot):
-    # CTranslate2 4.x generates max_length / 2 tokens for Whisper (measured); the token
-    # count is checked after the run.
-    res = model.generate(ct2.StorageView.from_array(mel), [prompt] * len(mel), beam_size=1, max_length=2 * n,
-                         suppress_tokens=[eot], suppress_blank=False)
-    return np.array([r.sequences_ids[0] for r in res])
-
-
-# --- peers -------------------------------------------------------------------------------
-
-def _on(model, torch, device: str):
-    """A PyTorch peer where ours runs: the CPU in float32, or CUDA in float16 (the
-    precision openai-whisper and transformers use on GPUs)."""
-    return model.to("cuda").half() if device == "gpu" else model
-
-
-def _torch_input(torch, mel: np.ndarray, device: str):
-    x = torch.from_numpy(mel)
-    return x.to("cuda").half() if device == "gpu" else x
-
-
-def _openai_model(weights, spec, device: str = "cpu"):
-    import torch
-    from whisper.model import ModelDimensions, Whisper
-
-    model = Whisper(ModelDimensions(**spec.dims)).eval()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    return _on(model, torch, device), torch
-
-
-def _hf_model(weights, spec, device: str = "cpu"):
-    import torch
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    from converters.huggingface import _CONFIG, rename
-
-    d = spec.dims
-    config = WhisperConfig(**{hf: d[ours] for hf, ours in _CONFIG.items()}, encoder_ffn_dim=4 * d["n_audio_state"],
-                           decoder_ffn_dim=4 * d["n_text_state"], attn_implementation="sdpa")
-    model = WhisperForConditionalGeneration(config).eval()
-    state = {}
-    for name in model.state_dict():
-        ours = rename(name)
-        state[name] = torch.from_numpy(weights[ours if ours else "decoder.token_embedding.weight"])
-    model.load_state_dict(state)
-    return _on(model, torch, device), torch
-
-
-def _hf_compiled_model(weights, spec, device: str, mel: np.ndarray, prompt, n: int, eot: int):
-    """transformers' model and its torch.compile'd forward (CUDA graphs on a GPU: mode
-    reduce-overhead), compiled here by one forced run on `mel`, so that the load column
-    holds the compile, as ours holds MAX's."""
-    model, torch = _hf_model(weights, spec, device)
-    compiled = (model, torch.compile(model, mode="reduce-overhead" if device == "gpu" else None), {})
-    forced_hf_static(compiled, torch, _torch_input(torch, mel, device), prompt, n, eot)
-    return compiled, torch
-
-
-def _ct2_model(directory: Path, compute_type, threads):
-    import ctranslate2
-
-    return ctranslate2.models.Whisper(str(directory), device="cpu", compute_type=compute_type,
-                                      intra_threads=threads), ctranslate2
-
-
 def _attempt(system: str, fn) -> Row:
     try:
         return fn()
@@ -289,16 +99,16 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         tokens: int = 128, seconds: float = 30.0, repeats: int = 3, threads: int | None = None,
         peers: tuple[str, ...] = ("openai-whisper", "transformers", "transformers-compiled", "faster-whisper"),
         beam_size: int = 1,
-        dtype: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
+        precision: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
         tokenizer: str | None = None, attention: str | tuple[str, ...] = "unfused") -> dict:
-    """`dtype`: one of our precisions, or several: one row each, the first the baseline
+    """`precision`: one of our precisions, or several: one row each, the first the baseline
     of the ratio column; `attention` likewise ('unfused', 'fused'), a row for each pair.
     `weights`: 'package' (the named model's installed weights) or
     'random' (openai-whisper's seeded initialisation of the spec; forced workload only),
     with `tokenizer`, a tokenizer.json for machines without the weight packages."""
-    from . import load_model
-    from .audio import log_mel_spectrogram
-    from .spec import load_spec
+    from maxwhisper import load_model
+    from maxwhisper.audio import log_mel_spectrogram
+    from maxwhisper.spec import load_spec
 
     if weights not in ("package", "random"):
         raise ValueError(f"weights must be 'package' or 'random', found {weights!r}")
@@ -312,22 +122,21 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
     drawn = random_weights(load_spec(model)) if weights == "random" else None
     ours_all = []  # (row name, model, load seconds)
     kernels = [attention] if isinstance(attention, str) else list(attention)
-    for d in ([dtype] if isinstance(dtype, str) else list(dtype)):
+    for d in ([precision] if isinstance(precision, str) else list(precision)):
         for a in kernels:
             t = time.perf_counter()
-            m = load_model(model, device=device, dtype=d, attention=a) if drawn is None else _random_model(
-                load_spec(model), drawn, device, d, tokenizer, a)
+            placed = None if greedy == "auto" else greedy == "device"
+            m = load_model(model, device=device, precision=d, attention=a, greedy_on_device=placed) \
+                if drawn is None else random_model(load_spec(model), drawn, device, d, tokenizer, a, placed)
             load = time.perf_counter() - t
-            if greedy != "auto":
-                m.runtime.greedy_on_device = greedy == "device"
             loop = "device loop" if m.runtime.greedy_on_device else "host loop"
             fused = ", fused attention" if a == "fused" else ""
-            ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.dtype]}, {loop}{fused})", m, load))
+            ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.precision]}, {loop}{fused})", m, load))
     ours = ours_all[0][1]
     if drawn is not None:
         weights, spec, ct2_dir = drawn, ours.spec, None
     else:
-        weights, spec, ct2_dir = _weights(model)
+        weights, spec, ct2_dir = converted_weights(model)
     device = ours.device
     torch_kind = "cuda, fp16" if device == "gpu" else "cpu, fp32"
     tok = ours.tokenizer
@@ -349,7 +158,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 t = time.perf_counter()
                 m, lib = make(*make_args)
                 loaded = time.perf_counter() - t
-                arg = mel if forced is forced_ct2 else _torch_input(lib, mel, device)
+                arg = mel if forced is forced_ct2 else torch_input(lib, mel, device)
                 med, ts, o = _timed(lambda: forced(m, lib, arg, prompt, tokens, eot), repeats)
                 if np.asarray(o).shape != (batch, tokens):
                     return Row(system, skipped=f"generated {np.asarray(o).shape} tokens, not {(batch, tokens)}")
@@ -380,7 +189,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 import whisper
 
                 t = time.perf_counter()
-                m, _ = _openai_model(weights, spec, device)
+                m, _ = openai_model(weights, spec, device)
                 loaded = time.perf_counter() - t
                 med, ts, o = _timed(lambda: whisper.transcribe(m, audio, temperature=0.0, fp16=device == "gpu",
                                                                beam_size=beam, language="en", verbose=None), repeats)
@@ -408,12 +217,12 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 rows.append(_attempt(f"faster-whisper ({ct})", fw_speech))
     elif workload == "startup":
         duration = seconds
-        kinds = [(m.dtype, m.runtime.attention) for _, m, _ in ours_all]
+        kinds = [(m.precision, m.runtime.attention) for _, m, _ in ours_all]
         for system, code in _startup_scripts(model, device, kinds, seconds, ct2_dir, threads, peers):
             rows.append(_attempt(system, lambda system=system, code=code: _startup_row(system, code, repeats)))
     else:
         raise ValueError(f"workload must be 'forced', 'speech' or 'startup', found {workload!r}")
-    return dict(model=model, device=ours.device, dtype=ours.dtype, dtypes=[m.dtype for _, m, _ in ours_all],
+    return dict(model=model, device=ours.device, precision=ours.precision, precisions=[m.precision for _, m, _ in ours_all],
                 attention=[m.runtime.attention for _, m, _ in ours_all],
                 greedy_loop="device loop" if ours.runtime.greedy_on_device else "host loop", workload=workload,
                 batch=batch if workload == "forced" else 1,
@@ -429,13 +238,13 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
 def _startup_scripts(model, device, kinds, seconds, ct2_dir, threads, peers):
     """Python programs that load a model and transcribe `seconds` of speech, each run in
     a new process: what a user waits for (imports, load, compile cache, transcript).
-    `kinds`: our (dtype, attention) pairs, a program each."""
-    clip = f"from maxwhisper.bench import speech_audio; audio = speech_audio({seconds})"
-    for dtype, attention in kinds:
+    `kinds`: our (precision, attention) pairs, a program each."""
+    clip = f"from benchmarks.bench import speech_audio; audio = speech_audio({seconds})"
+    for precision, attention in kinds:
         fused = ", fused attention" if attention == "fused" else ""
-        yield (f"maxwhisper ({device}, {dtype}{fused})",
+        yield (f"maxwhisper ({device}, {precision}{fused})",
                f"{clip}\nimport maxwhisper\nm = maxwhisper.load_model({model!r}, device={device!r}, "
-               f"dtype={dtype!r}, attention={attention!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
+               f"precision={precision!r}, attention={attention!r})\nprint(m.transcribe(audio, temperature=0.0)['text'])")
     if "faster-whisper" in peers:
         yield (f"faster-whisper (int8, {threads} threads)",
                f"{clip}\nfrom faster_whisper import WhisperModel\n"
@@ -509,7 +318,7 @@ def chart(report: dict, path: str | Path) -> None:
 
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
-                 args.threads, tuple(args.peers), args.beam_size, tuple(args.dtype), args.greedy, args.weights,
+                 args.threads, tuple(args.peers), args.beam_size, tuple(args.precision), args.greedy, args.weights,
                  args.tokenizer, tuple(args.attention))
     print(table(report))
     if args.out:
@@ -522,11 +331,11 @@ def main(args) -> int:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
-    p.add_argument("--dtype", nargs="+", default=["auto"], choices=["auto", *PRECISIONS],
+    p.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", *PRECISIONS],
                    help="our precision, or several (a row each; the first is the ratios' baseline). auto: "
                         "bfloat16 on a GPU, float32 on the CPU; q4_0: CPU, the decoder's matrices in 4 bits")
     p.add_argument("--attention", nargs="+", default=["unfused"], choices=ATTENTION,
-                   help="our attention kernels, or both (a row each with each --dtype). fused: MAX's "
+                   help="our attention kernels, or both (a row each with each --precision). fused: MAX's "
                         "flash-attention kernel, GPU only")
     p.add_argument("--greedy", default="auto", choices=["auto", "device", "host"],
                    help="where our greedy loop runs (auto: the device's loop on a GPU, the host's on the CPU)")
@@ -548,3 +357,12 @@ def add_arguments(p) -> None:
                    help="transformers-compiled: static KV cache, decoder step under torch.compile (forced workload)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--chart", default=None, help="write a PNG bar chart here (needs matplotlib)")
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench, from the repository root
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

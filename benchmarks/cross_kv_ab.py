@@ -1,7 +1,7 @@
 """A/B of a beam-search decoder step: a window's beams sharing its one cross K/V row,
 against each beam reading its own copy, on one compiled model, interleaved.
 
-    python tools/cross_kv_ab.py --dtype q4_0 --beams 5
+    python -m benchmarks.cross_kv_ab --precision q4_0 --beams 5
 
 Prints the median milliseconds per step of each and the largest logit difference
 between them (float32: rounding; q4_0: its activation quantization too)."""
@@ -14,21 +14,21 @@ import time
 import numpy as np
 
 import maxwhisper
+from benchmarks.bench import speech_audio
 from maxwhisper.audio import log_mel_spectrogram
-from maxwhisper.bench import speech_audio
 from maxwhisper.runtime import DecoderState
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny.en")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--precision", default="float32")
     p.add_argument("--beams", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=6)
     args = p.parse_args()
 
-    m = maxwhisper.load_model(args.model, device="cpu", dtype=args.dtype)
+    m = maxwhisper.load_model(args.model, device="cpu", precision=args.precision)
     rt, tok = m.runtime, m.tokenizer
     mel = log_mel_spectrogram(speech_audio(30.0), m.spec.audio)[None, :, : m.spec.audio.n_frames]
     _, ck, cv = rt.encode(np.ascontiguousarray(mel, np.float32))[:3]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maxwhisper.spec import ModelSpec
-from maxwhisper.weights import WeightsError
+from ..spec import ModelSpec
+from ..weights import WeightsError
 
 
 def read(src: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:

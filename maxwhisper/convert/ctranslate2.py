@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from maxwhisper.spec import ModelSpec
-from maxwhisper.weights import WeightsError
+from ..spec import ModelSpec
+from ..weights import WeightsError
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 

@@ -1,0 +1,120 @@
+"""Precision: how a model's weights are stored and its activations computed.
+
+One `Precision` value names it ("float32", "float16", "bfloat16", "q4_0"), gives the
+activations' MAX `DType` and says whether the decoder's matrices are 4-bit blocks. This
+module owns everything that follows from it: which tensors are quantized, bfloat16
+rounding, Q4_0 packing and the arrays bound to the graphs' weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from max.driver import Buffer
+from max.dtype import DType
+
+from .manifest import manifest
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    dtype: DType          # activations and every float weight
+    quantized: bool       # the decoder's matrices as Q4_0 blocks (CPU only)
+
+
+FLOAT32 = Precision("float32", DType.float32, False)
+PRECISIONS = {p.name: p for p in (
+    FLOAT32,
+    Precision("float16", DType.float16, False),
+    Precision("bfloat16", DType.bfloat16, False),
+    # The decoder's matrices in 4-bit blocks, everything else float32.
+    Precision("q4_0", DType.float32, True),
+)}
+
+# Q4_0 (GGML's layout): blocks of 32 weights along a row, each an fp16 scale and 32
+# 4-bit values, 18 bytes. MAX's CPU kernel wants rows (outputs) in multiples of 32 too.
+Q4_0_BLOCK, Q4_0_BYTES = 32, 18
+Q4_0_SUFFIX = ".q4_0"
+
+
+def resolve_precision(precision: str | Precision | None, device_name: str) -> Precision:
+    """None or 'auto': bfloat16 on a GPU, float32 on the CPU, where MAX 26.7 has no fast
+    bfloat16 kernels (docs/benchmarks.md). q4_0 is for the CPU only: MAX's Q4_0 matmul
+    is a CPU kernel."""
+    if isinstance(precision, Precision):
+        precision = precision.name
+    if precision in (None, "auto"):
+        return PRECISIONS["bfloat16" if device_name == "gpu" else "float32"]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto', {', '.join(map(repr, PRECISIONS))}, found {precision!r}")
+    if PRECISIONS[precision].quantized and device_name != "cpu":
+        raise ValueError("precision 'q4_0' runs on the CPU only (MAX's Q4_0 matmul is a CPU kernel); "
+                         "use 'bfloat16' or 'float16' on a GPU")
+    return PRECISIONS[precision]
+
+
+def is_matrix(name: str, shape) -> bool:
+    """Linear weights and the token embedding: bound in the checkpoint's (out, in) layout."""
+    return name.endswith(".weight") and len(shape) == 2
+
+
+def quantized_matrices(spec: ModelSpec) -> list[str]:
+    """The matrices q4_0 binds as 4-bit blocks: the decoder's, which every token reads
+    again (its step is bound by memory traffic, and the logits projection is most of
+    it). The encoder, run once per window and bound by arithmetic, and the cross K/V
+    projections it holds stay float32."""
+    return [name for name, info in manifest(spec).items()
+            if name.startswith("decoder.") and is_matrix(name, info.shape)
+            and ".cross_attn.key." not in name and ".cross_attn.value." not in name]
+
+
+def float_weights(spec: ModelSpec, precision: Precision) -> list[str]:
+    """The names bound in the float dtype: all, or under q4_0 all but the quantized
+    matrices, save the token embedding, which the embedding lookup still gathers from."""
+    skip = set(quantized_matrices(spec)) - {"decoder.token_embedding.weight"} if precision.quantized else set()
+    return [name for name in manifest(spec) if name not in skip]
+
+
+def q4_0_rows(n: int) -> int:
+    """Rows (outputs) of a matrix as bound in Q4_0: padded with zero rows to a multiple of 32."""
+    return -(-n // Q4_0_BLOCK) * Q4_0_BLOCK
+
+
+def bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """numpy has no bfloat16: float32 rounded to its top 16 bits (to nearest, ties to
+    even), as uint16, for MAX to read as bfloat16."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def weight_array(a: np.ndarray, dtype: DType) -> np.ndarray | Buffer:
+    """A checkpoint tensor as the graph binds it: in its own layout, in `dtype`."""
+    if dtype == DType.bfloat16:
+        return Buffer.from_numpy(bfloat16_bits(a)).view(DType.bfloat16, list(a.shape))
+    return np.ascontiguousarray(a, dtype=np.float16 if dtype == DType.float16 else np.float32)
+
+
+def q4_0_blocks(name: str, a: np.ndarray) -> np.ndarray:
+    """A checkpoint matrix (out, in) as MAX's Q4_0 matmul binds it: rows of 18-byte
+    blocks (GGML's Q4_0, quantized by the gguf package), zero rows added up to a
+    multiple of 32."""
+    from gguf import GGMLQuantizationType, quants
+
+    n_out, n_in = a.shape
+    if n_in % Q4_0_BLOCK:
+        raise ValueError(f"{name}: q4_0 needs the input width to be a multiple of {Q4_0_BLOCK}, "
+                         f"found shape {a.shape}")
+    padded = np.zeros((q4_0_rows(n_out), n_in), np.float32)
+    padded[:n_out] = a
+    return quants.quantize(padded, GGMLQuantizationType.Q4_0)
+
+
+def bound_weights(spec: ModelSpec, weights: dict[str, np.ndarray], precision: Precision) -> dict:
+    """{graph weight name: array} for every weight the graphs declare in `precision`."""
+    registry = {k: weight_array(weights[k], precision.dtype) for k in float_weights(spec, precision)}
+    if precision.quantized:
+        registry.update({k + Q4_0_SUFFIX: q4_0_blocks(k, weights[k]) for k in quantized_matrices(spec)})
+    return registry
