@@ -15,7 +15,7 @@ def converted_weights(model: str) -> tuple[dict[str, np.ndarray], object, Path]:
     from maxwhisper.weights import load_weights
 
     path, _, spec = ensure_converted(model)
-    return {k: v.astype(np.float32) for k, v in loadconverted_weights(path, spec).items()}, spec, ctranslate2_dir(model)
+    return {k: v.astype(np.float32) for k, v in load_weights(path, spec).items()}, spec, ctranslate2_dir(model)
 
 
 def openai_random_model(spec, seed: int = 0):

@@ -1,6 +1,7 @@
 """Whisper speech recognition, defined as data and compiled with MAX."""
 
 from .model import Whisper, load_model
+from .transcribe import TranscribeOptions
 from .spec import ModelSpec, SpecError, load_spec
 
-__all__ = ["ModelSpec", "SpecError", "Whisper", "load_model", "load_spec"]
+__all__ = ["ModelSpec", "SpecError", "TranscribeOptions", "Whisper", "load_model", "load_spec"]

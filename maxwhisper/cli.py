@@ -10,7 +10,7 @@ from .builder import ATTENTION
 from .registry import DEFAULT_MODEL
 from .precision import PRECISIONS
 from .spec import SpecError, load_spec
-from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
+from .transcribe import TranscribeOptions
 from .weights import WeightsError
 from .writers import FORMATS
 
@@ -36,6 +36,9 @@ def _convert(args) -> None:
 
     out = convert(args.src, load_spec(args.spec), args.out, args.format)
     print(f"wrote {out}")
+
+
+CLI_SEARCH = 5
 
 
 def _above_one(n: int) -> int | None:
@@ -74,16 +77,17 @@ def _transcribe(args) -> int:
             bar.refresh()
             yield samples
 
-    results = transcribe_batch(
-        model, inputs(), batch_size=args.batch_size, language=args.language, task=args.task,
-        temperature=args.temperature, beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of),
+    options = TranscribeOptions(
+        language=args.language, task=args.task, temperature=tuple(args.temperature),
+        beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of),
         patience=args.patience, length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
         condition_on_previous_text=args.condition_on_previous_text,
         compression_ratio_threshold=args.compression_ratio_threshold,
         logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
         without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
-        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
-        progress=lambda _i, frames, _total: bar.update(round(frames * hop / rate, 2)))
+        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations)
+    results = transcribe_batch(model, inputs(), options, batch_size=args.batch_size,
+                               progress=lambda _i, frames, _total: bar.update(round(frames * hop / rate, 2)))
     with bar:
         for index, result in results:
             for path in write(result, loaded[index], args.output_dir, args.output_format):
@@ -134,33 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("transcribe", help="transcribe audio files")
     tr.add_argument("audio", nargs="+", help="audio files (WAV/FLAC/OGG; more with ffmpeg installed)")
     _model_arguments(tr)
-    tr.add_argument("--language", default=None, help="language code; detected when omitted")
-    tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
-    tr.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+    d = TranscribeOptions()
+    tr.add_argument("--language", default=d.language, help="language code; detected when omitted")
+    tr.add_argument("--task", default=d.task, choices=["transcribe", "translate"])
+    tr.add_argument("--temperature", type=float, nargs="+", default=list(d.temperature),
                     help="temperatures to fall back through (default 0 0.2 ... 1.0)")
-    tr.add_argument("--beam-size", type=int, default=5,
+    # Beams and samples: 5 each, as openai-whisper's command line has them (its API: one).
+    tr.add_argument("--beam-size", type=int, default=CLI_SEARCH,
                     help="beams for beam search at temperature 0; 0 or 1 decodes greedily (default 5)")
-    tr.add_argument("--best-of", type=int, default=5,
+    tr.add_argument("--best-of", type=int, default=CLI_SEARCH,
                     help="samples per window at temperatures above 0; 0 or 1 takes one (default 5)")
-    tr.add_argument("--patience", type=float, default=None,
+    tr.add_argument("--patience", type=float, default=d.patience,
                     help="beam search stops after beam_size * patience finished candidates (default 1)")
-    tr.add_argument("--length-penalty", type=float, default=None,
+    tr.add_argument("--length-penalty", type=float, default=d.length_penalty,
                     help="rank candidates by logprob / ((5 + length) / 6) ** alpha; default: by mean logprob")
-    tr.add_argument("--initial-prompt", default=None, help="text to condition the first window on")
+    tr.add_argument("--initial-prompt", default=d.initial_prompt, help="text to condition the first window on")
     tr.add_argument("--no-condition-on-previous-text", dest="condition_on_previous_text",
                     action="store_false", help="do not prompt each window with the text before it")
-    tr.add_argument("--compression-ratio-threshold", type=float, default=2.4,
-                    help="retry hotter when the text compresses better than this (default 2.4)")
-    tr.add_argument("--logprob-threshold", type=float, default=-1.0,
-                    help="retry hotter when the mean token logprob is below this (default -1.0)")
-    tr.add_argument("--no-speech-threshold", type=float, default=0.6,
+    tr.add_argument("--compression-ratio-threshold", type=float, default=d.compression_ratio_threshold,
+                    help="retry hotter when the text compresses better than this (default %(default)s)")
+    tr.add_argument("--logprob-threshold", type=float, default=d.logprob_threshold,
+                    help="retry hotter when the mean token logprob is below this (default %(default)s)")
+    tr.add_argument("--no-speech-threshold", type=float, default=d.no_speech_threshold,
                     help="skip a window whose no-speech probability is above this and whose text is unlikely")
     tr.add_argument("--without-timestamps", action="store_true", help="decode without timestamp tokens")
     tr.add_argument("--word-timestamps", action="store_true",
                     help="align every word (json segments then carry `words`)")
-    tr.add_argument("--prepend-punctuations", default=PREPEND_PUNCTUATIONS,
+    tr.add_argument("--prepend-punctuations", default=d.prepend_punctuations,
                     help="with --word-timestamps, merge these symbols into the next word")
-    tr.add_argument("--append-punctuations", default=APPEND_PUNCTUATIONS,
+    tr.add_argument("--append-punctuations", default=d.append_punctuations,
                     help="with --word-timestamps, merge these symbols into the previous word")
     tr.add_argument("--output-format", "-f", default="txt", choices=[*FORMATS, "all"],
                     help="file format to write; 'all' writes every one (default txt)")

@@ -1,12 +1,18 @@
 """Compiled models as files: each module of graphs is compiled once per machine kind
 and kept as a MEF file in maxwhisper's cache, loaded from there afterwards.
 
-A file is named by a hash of everything its compile depends on: the module's MLIR
-text (graph structure, shapes, weight names; no weight values), the MAX version and
+A cached file is named by a hash of everything its compile depends on: the module's
+MLIR text (graph structure, shapes, weight names; no weight values), the MAX version and
 the target it was compiled for (the CPU's model and instruction-set flags, or the
-accelerator's name). A file compiled for another machine therefore has another name
-and is never loaded where it may not run; there MAX compiles again. An unreadable
-file is compiled again and replaced.
+accelerator's name). A file compiled for another machine therefore has another name and
+is never loaded where it may not run; there MAX compiles again. An unreadable file is
+compiled again and replaced.
+
+Prebuilt files ship in the package (`maxwhisper/prebuilt/`, with a JSON sidecar each
+that records the module's hash, the MAX version and the target). One is used when
+module and MAX version are the same and the target fits: the same accelerator, or a
+CPU of the same architecture whose instruction-set flags include every flag of the CPU
+it was built on. Anywhere else the module compiles as usual.
 
 A cold compile can take minutes (docs/benchmarks.md, "Compile"), so it is announced
 on the `maxwhisper` logger once it has run for a second, and its time is logged
@@ -16,6 +22,7 @@ when it ends; the CLI shows both on stderr.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -32,11 +39,12 @@ from .registry import cache_dir
 
 log = logging.getLogger("maxwhisper")
 ANNOUNCE_AFTER_S = 1.0
+PREBUILT = Path(__file__).resolve().parent / "prebuilt"
 
 
 @cache
-def _cpu_target() -> str:
-    """The host CPU as the compiler sees it: model name and instruction-set flags."""
+def _cpu_fields() -> dict[str, str]:
+    """The host CPU as /proc/cpuinfo names it: model and instruction-set flags."""
     fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -46,14 +54,27 @@ def _cpu_target() -> str:
                 fields[key] = value.strip()
     except OSError:
         pass
-    return f"{platform.machine()} {platform.processor()} " + " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+    return fields
 
 
-def target(device) -> str:
-    """The compile target of a MAX device, as text."""
+def target(device) -> dict:
+    """The compile target of a MAX device."""
     if device.is_host:
-        return "cpu " + _cpu_target()
-    return f"{device.api} {device.architecture_name}"
+        fields = _cpu_fields()
+        flags = (fields.get("flags") or fields.get("Features") or "").split()
+        return {"kind": "cpu", "machine": platform.machine(), "model": fields.get("model name", platform.processor()),
+                "flags": sorted(set(flags))}
+    return {"kind": device.api, "arch": device.architecture_name}
+
+
+def fits(built_for: dict, here: dict) -> bool:
+    """Whether code compiled for target `built_for` runs on target `here`."""
+    if built_for.get("kind") != here.get("kind"):
+        return False
+    if here["kind"] != "cpu":
+        return built_for.get("arch") == here.get("arch")
+    return (built_for.get("machine") == here["machine"] and bool(here["flags"])
+            and set(built_for.get("flags", ["?"])) <= set(here["flags"]))
 
 
 def _max_version() -> str:
@@ -69,9 +90,33 @@ def compiled_dir() -> Path:
     return cache_dir() / "compiled"
 
 
+def module_hash(module: Module) -> str:
+    return hashlib.sha256(str(module.mlir_module).encode()).hexdigest()
+
+
 def mef_path(module: Module, label: str, device) -> Path:
-    key = hashlib.sha256("\n".join([_max_version(), target(device), str(module.mlir_module)]).encode()).hexdigest()[:20]
-    return compiled_dir() / f"{label}-{key}.mef"
+    key = hashlib.sha256(json.dumps([_max_version(), target(device), module_hash(module)]).encode()).hexdigest()
+    return compiled_dir() / f"{label}-{key[:20]}.mef"
+
+
+def _about(module: Module, label: str, device) -> dict:
+    """What a MEF file's JSON sidecar records."""
+    return {"label": label, "max": _max_version(), "module": module_hash(module), "target": target(device)}
+
+
+def prebuilt(module: Module, label: str, device, directory: Path = PREBUILT) -> Path | None:
+    """A shipped MEF file for `module` that fits this machine, if there is one."""
+    want = _about(module, label, device)
+    for sidecar in sorted(directory.glob("*.json")):
+        try:
+            about = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        mef = sidecar.with_suffix(".mef")
+        if (about.get("module") == want["module"] and about.get("max") == want["max"] and mef.is_file()
+                and fits(about.get("target", {}), want["target"])):
+            return mef
+    return None
 
 
 def compile_module(session: InferenceSession, module: Module, label: str, device):
@@ -79,11 +124,12 @@ def compile_module(session: InferenceSession, module: Module, label: str, device
     cache may still serve it) and written there. `label` names it in messages and the
     file name ("tiny.en-float32-cpu")."""
     path = mef_path(module, label, device)
-    if path.is_file():
-        try:
-            return read(path)
-        except Exception as e:  # a truncated or foreign file: compile again below
-            log.warning("maxwhisper: %s: unreadable compiled model (%s); compiling again", path, e)
+    for found in (path, prebuilt(module, label, device)):
+        if found is not None and found.is_file():
+            try:
+                return read(found)
+            except Exception as e:  # a truncated or foreign file: the next source, or compile
+                log.warning("maxwhisper: %s: unreadable compiled model (%s)", found, e)
     started = time.perf_counter()
     announced = threading.Event()
 
@@ -101,11 +147,11 @@ def compile_module(session: InferenceSession, module: Module, label: str, device
         timer.cancel()
     if announced.is_set():
         log.info("maxwhisper: compiled %s in %.0f s", label, time.perf_counter() - started)
-    _export(compiled, path)
+    _export(compiled, path, _about(module, label, device))
     return compiled
 
 
-def _export(compiled, path: Path) -> None:
+def _export(compiled, path: Path, about: dict) -> None:
     """Write the MEF beside its final name and rename it: a reader never sees half a
     file. A cache that cannot be written costs the next run a compile, nothing else."""
     try:
@@ -114,6 +160,7 @@ def _export(compiled, path: Path) -> None:
         os.close(fd)
         try:
             compiled.export_mef(tmp)
+            path.with_suffix(".json").write_text(json.dumps(about, indent=1))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

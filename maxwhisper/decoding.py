@@ -19,7 +19,7 @@ from .tokenizer import WhisperTokenizer
 NEG_INF = -np.inf
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodingOptions:
     task: str = "transcribe"
     language: str | None = None
@@ -33,7 +33,7 @@ class DecodingOptions:
     suppress_blank: bool = True
     without_timestamps: bool = False
     max_initial_timestamp: float | None = 1.0
-    prompt: list[int] = field(default_factory=list)  # previous text, after <|startofprev|>
+    prompt: tuple[int, ...] = ()          # previous text, after <|startofprev|>
     seed: int | None = 0                   # for temperature > 0
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ from .registry import DEFAULT_MODEL, ensure_converted
 from .runtime import CompiledWhisper
 from .spec import ModelSpec, load_spec
 from .tokenizer import WhisperTokenizer
-from .transcribe import transcribe, transcribe_batch
+from .transcribe import TranscribeOptions, transcribe, transcribe_batch
 from .weights import WeightsError, load_weights, read_metadata
 
 
@@ -47,17 +47,20 @@ class Whisper:
     def is_multilingual(self) -> bool:
         return self.spec.vocab.multilingual
 
-    def transcribe(self, audio: str | Path | np.ndarray, **options) -> dict:
+    def transcribe(self, audio: str | Path | np.ndarray, options: TranscribeOptions | None = None,
+                   **overrides) -> dict:
         """`audio`: a file path, or mono float32 samples at 16 kHz. Options as
-        openai-whisper's `transcribe()` (language, task, temperature, ...)."""
-        return transcribe(self, self._samples(audio), **options)
+        openai-whisper's `transcribe()` (language, task, temperature, ...): a
+        `TranscribeOptions`, keyword overrides of its fields, or both."""
+        return transcribe(self, self._samples(audio), options, **overrides)
 
-    def transcribe_many(self, audios, batch_size: int = 8, **options) -> list[dict]:
+    def transcribe_many(self, audios, options: TranscribeOptions | None = None, batch_size: int = 8,
+                        **overrides) -> list[dict]:
         """Transcribe several files or sample arrays, up to `batch_size` decoded together;
         results in input order, equal to transcribing each alone (on the CPU a lone row
         takes a matrix-vector kernel, so logits agree to float rounding, not bit for bit)."""
-        results = dict(transcribe_batch(self, (self._samples(a) for a in audios), batch_size=batch_size,
-                                        **options))
+        results = dict(transcribe_batch(self, (self._samples(a) for a in audios), options, batch_size=batch_size,
+                                        **overrides))
         return [results[i] for i in range(len(results))]
 
     def _samples(self, audio: str | Path | np.ndarray) -> np.ndarray:

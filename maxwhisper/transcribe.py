@@ -5,6 +5,7 @@ their windows side by side so that each step encodes and decodes a batch."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -125,36 +126,69 @@ class _Stream:
         return out
 
 
-def transcribe(model, audio: np.ndarray, *, progress=None, **options) -> dict:
+def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = None, *, progress=None,
+               **overrides) -> dict:
     """`model` is a `maxwhisper.model.Whisper`; `audio` mono float32 at the model's rate.
     Returns openai-whisper's keys: text, segments (with `words` when `word_timestamps`),
     language. Options as `transcribe_batch`; `progress(frames, total_frames)`."""
     report = None if progress is None else (lambda _i, frames, total: progress(frames, total))
-    ((_, result),) = transcribe_batch(model, [audio], progress=report, **options)
+    ((_, result),) = transcribe_batch(model, [audio], options, progress=report, **overrides)
     return result
 
 
-def transcribe_batch(model, audios: Iterable[np.ndarray], *, batch_size: int = 8, language: str | None = None,
-                     task: str = "transcribe", temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
-                     beam_size: int | None = None, best_of: int | None = None, patience: float | None = None,
-                     length_penalty: float | None = None,
-                     compression_ratio_threshold: float | None = 2.4, logprob_threshold: float | None = -1.0,
-                     no_speech_threshold: float | None = 0.6, condition_on_previous_text: bool = True,
-                     initial_prompt: str | None = None, without_timestamps: bool = False,
-                     suppress_tokens: str | list[int] | None = "-1", suppress_blank: bool = True,
-                     word_timestamps: bool = False, prepend_punctuations: str = PREPEND_PUNCTUATIONS,
-                     append_punctuations: str = APPEND_PUNCTUATIONS,
-                     silence_threshold_db: float | None = -60.0, progress=None) -> Iterator[tuple[int, dict]]:
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """`transcribe`'s options, with openai-whisper's defaults; the CLI reads them too.
+    `beam_size` applies at temperature 0, `best_of` above it. `silence_threshold_db`: a
+    window whose loudest sample is below this level (dBFS) is skipped unheard."""
+    language: str | None = None
+    task: str = "transcribe"
+    temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES
+    beam_size: int | None = None
+    best_of: int | None = None
+    patience: float | None = None
+    length_penalty: float | None = None
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = True
+    initial_prompt: str | None = None
+    without_timestamps: bool = False
+    suppress_tokens: str | tuple[int, ...] | None = "-1"
+    suppress_blank: bool = True
+    word_timestamps: bool = False
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS
+    append_punctuations: str = APPEND_PUNCTUATIONS
+    silence_threshold_db: float | None = -60.0
+
+    @classmethod
+    def of(cls, options: TranscribeOptions | None = None, **overrides) -> TranscribeOptions:
+        """`options` (default: the defaults) with keyword overrides; an unknown name is
+        refused with the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown transcribe option(s) {unknown}; known: {sorted(known)}")
+        return replace(options or cls(), **overrides)
+
+
+def transcribe_batch(model, audios: Iterable[np.ndarray], options: TranscribeOptions | None = None, *,
+                     batch_size: int = 8, progress=None, **overrides) -> Iterator[tuple[int, dict]]:
     """Transcribe many audios, up to `batch_size` at once: their current windows are
     encoded in one call and decoded together (windows whose prompts differ in length
     go in separate groups), and a finished audio makes room for the next. Yields
     (index, result) as each audio finishes; results equal one-by-one transcription.
 
-    `beam_size` applies at temperature 0, `best_of` above it. `silence_threshold_db`: a
-    window whose loudest sample is below this level (dBFS) is skipped unheard.
-    openai-whisper's no-speech rule alone lets a confident hallucination through
-    (tiny.en says " you" to 20 s of digital zeros, no-speech probability 0.94); audio
-    this quiet holds no speech to transcribe. `progress(index, frames, total_frames)`."""
+    `options`: a `TranscribeOptions`, and keyword overrides of its fields. The silence
+    gate (`silence_threshold_db`) is there because openai-whisper's no-speech rule alone
+    lets a confident hallucination through (tiny.en says " you" to 20 s of digital
+    zeros, no-speech probability 0.94); audio this quiet holds no speech to transcribe.
+    `progress(index, frames, total_frames)`."""
+    o = TranscribeOptions.of(options, **overrides)
+    language, task, temperature, beam_size, best_of = o.language, o.task, o.temperature, o.beam_size, o.best_of
+    patience, length_penalty, initial_prompt = o.patience, o.length_penalty, o.initial_prompt
+    suppress_tokens, suppress_blank, without_timestamps = o.suppress_tokens, o.suppress_blank, o.without_timestamps
+    word_timestamps, silence_threshold_db = o.word_timestamps, o.silence_threshold_db
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, found {batch_size}")
     if word_timestamps and task == "translate":
@@ -168,10 +202,10 @@ def transcribe_batch(model, audios: Iterable[np.ndarray], *, batch_size: int = 8
                  without_timestamps=without_timestamps)
     for t in temperatures:  # options are checked now, not after the first window
         _options_at(t, search, **fixed)
-    cfg = dict(no_speech_threshold=no_speech_threshold, logprob_threshold=logprob_threshold,
-               compression_ratio_threshold=compression_ratio_threshold, word_timestamps=word_timestamps,
-               condition_on_previous_text=condition_on_previous_text,
-               prepend_punctuations=prepend_punctuations, append_punctuations=append_punctuations)
+    cfg = dict(no_speech_threshold=o.no_speech_threshold, logprob_threshold=o.logprob_threshold,
+               compression_ratio_threshold=o.compression_ratio_threshold, word_timestamps=word_timestamps,
+               condition_on_previous_text=o.condition_on_previous_text,
+               prepend_punctuations=o.prepend_punctuations, append_punctuations=o.append_punctuations)
     floor = None if silence_threshold_db is None else 10.0 ** (silence_threshold_db / 20.0)
 
     def advance(index: int, stream: _Stream, result, cross, frames: int) -> None:

@@ -112,9 +112,10 @@ def speech_clips() -> dict[str, str]:
     return {str(SPEECH_DIR / f"{name}.wav"): text for name, text in rows}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """A private conversion cache, so tests never depend on the user's."""
+    """A private cache (converted weights, compiled models) for the whole session, so
+    tests never depend on the user's, nor write to it."""
     import os
 
     path = tmp_path_factory.mktemp("maxwhisper-cache")

@@ -59,6 +59,9 @@ def test_device_loop_stops_at_sample_len(tiny_en):
 
 def test_device_loop_is_the_gpu_default(tiny_en):
     assert tiny_en.runtime.greedy_on_device is (tiny_en.device == "gpu")
+    other = tiny_en.placed(greedy_on_device=not tiny_en.runtime.greedy_on_device)
+    assert other.runtime.greedy_on_device is not tiny_en.runtime.greedy_on_device  # a new value, this one as it was
+    assert other.runtime._decoder is tiny_en.runtime._decoder  # the compiled graphs shared
 
 
 def test_device_loop_refuses_more_than_the_context(tiny_en):

@@ -214,3 +214,46 @@ def test_decode_refuses_overflowing_context(parity_case):
         compiled.decode(too_long, compiled.start(ck, cv))
     with pytest.raises(ValueError, match="token ids must lie in"):
         compiled.decode(np.array([[spec.vocab.n_vocab]]), compiled.start(ck, cv))
+
+
+@pytest.mark.parametrize("name", ["small", "large-v3-turbo"])
+def test_deep_variants_layer_by_layer(name):
+    """small (12 + 12 layers) and large-v3-turbo (32 + 4 layers, 128 mels, 51866 tokens)
+    with openai-whisper's random weights: every encoder block, cross K/V, every decoder
+    block, the logits and the alignment scores, at the same tolerance. One window, a
+    few tokens: the depth is what is checked."""
+    from whisper.model import disable_sdpa
+
+    from maxwhisper.builder import alignment_heads
+    from maxwhisper.runtime import CompiledWhisper
+
+    spec, ref = get_spec(name), reference_model(get_spec(name))
+    compiled = CompiledWhisper(spec, {k: v.numpy() for k, v in ref.state_dict().items()}, device="cpu", taps=True)
+    rng = np.random.default_rng(3)
+    mel = rng.standard_normal((1, spec.audio.n_mels, spec.audio.n_frames)).astype(np.float32)
+    tokens = rng.integers(0, spec.vocab.n_vocab, size=(1, 5))
+    enc = dict(zip(compiled.encoder_outputs, (o.to_numpy() for o in compiled.encode(mel))))
+    qks, hooks = {}, [block.cross_attn.register_forward_hook(
+        lambda m, inp, out, i=i: qks.__setitem__(i, out[1])) for i, block in enumerate(ref.decoder.blocks)]
+    try:
+        with torch.no_grad(), disable_sdpa():
+            want = reference_encoder_stages(ref, torch.from_numpy(mel))
+            features = want["features"]
+            want |= reference_decoder_stages(ref, torch.from_numpy(tokens), features)
+            for i, block in enumerate(ref.decoder.blocks):
+                want[f"cross_k.{i}"], want[f"cross_v.{i}"] = block.cross_attn.key(features), block.cross_attn.value(features)
+    finally:
+        for h in hooks:
+            h.remove()
+    ck, cv = enc["cross_k"], enc["cross_v"]
+    got = {**enc, **{f"cross_k.{i}": ck[i] for i in range(len(ck))}, **{f"cross_v.{i}": cv[i] for i in range(len(cv))}}
+    logits, _, taps = compiled.decode(tokens, compiled.start(*compiled.encode(mel)[1:3]))
+    got |= dict(zip(compiled.decoder_outputs, [logits, None, None] + [t.to_numpy() for t in taps]))
+    heads = sorted(alignment_heads(spec))
+    want["alignment_qk"] = torch.from_numpy(np.stack([qks[l][:, h].numpy() for l, h in heads], axis=1))
+    stages = ([f"encoder.blocks.{i}" for i in range(spec.encoder.n_layer)] + ["features"]
+              + [f"cross_{kv}.{i}" for i in range(spec.decoder.n_layer) for kv in "kv"]
+              + [f"decoder.blocks.{i}" for i in range(spec.decoder.n_layer)] + ["logits", "alignment_qk"])
+    for stage in stages:
+        rel = record_parity(name, stage, got[stage], want[stage].numpy())
+        assert rel <= REL_TOL, f"{name} {stage}: relative error {rel:.2e} > {REL_TOL}"
