@@ -166,17 +166,17 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
             rows.append(_attempt(system, go))
 
         if "openai-whisper" in peers:
-            peer(f"openai-whisper (PyTorch, {torch_kind})", _openai_model, forced_openai, weights, spec, device)
+            peer(f"openai-whisper (PyTorch, {torch_kind})", openai_model, forced_openai, weights, spec, device)
         if "transformers" in peers:
-            peer(f"transformers (eager, SDPA, {torch_kind})", _hf_model, forced_hf, weights, spec, device)
+            peer(f"transformers (eager, SDPA, {torch_kind})", hf_model, forced_hf, weights, spec, device)
         if "transformers-compiled" in peers:
-            peer(f"transformers (static cache, torch.compile, {torch_kind})", _hf_compiled_model, forced_hf_static,
+            peer(f"transformers (static cache, torch.compile, {torch_kind})", hf_compiled_model, forced_hf_static,
                  weights, spec, device, mel, prompt, tokens, eot)
         if "faster-whisper" in peers and ct2_dir is None:
             rows.append(Row("CTranslate2", skipped="runs converted checkpoints only; random weights have none"))
         elif "faster-whisper" in peers:
             for ct in ("float32", "int8"):
-                peer(f"CTranslate2 ({ct}, {threads} threads, cpu)", _ct2_model, forced_ct2, ct2_dir, ct, threads)
+                peer(f"CTranslate2 ({ct}, {threads} threads, cpu)", ct2_model, forced_ct2, ct2_dir, ct, threads)
     elif workload == "speech":
         audio = speech_audio(seconds)
         duration = len(audio) / 16000

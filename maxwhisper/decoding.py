@@ -9,7 +9,7 @@ leave the batch instead of riding along."""
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

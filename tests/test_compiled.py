@@ -15,7 +15,7 @@ import pytest
 from max.driver import CPU
 from max.graph import Module
 
-from conftest import get_spec, shared_compiled, shared_reference
+from helpers import shared_compiled, shared_reference
 from maxwhisper import compiled
 from maxwhisper.builder import GraphOptions, select_graph
 
@@ -138,7 +138,7 @@ import logging, sys, numpy as np
 sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from safetensors.numpy import load_file
-from conftest import get_spec
+from helpers import get_spec
 from maxwhisper.runtime import CompiledWhisper
 rt = CompiledWhisper(get_spec("micro-2dec"), load_file({str(tmp_path / "w.safetensors")!r}), device="cpu", taps=True)
 _, ck, cv = rt.encode(np.load({str(tmp_path / "mel.npy")!r}))[:3]

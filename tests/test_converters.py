@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SMALL_VARIANT, reference_model
+from helpers import SMALL_VARIANT, reference_model
 from maxwhisper.convert import convert, detect_format
 from maxwhisper.convert.ctranslate2 import read_container
 from maxwhisper.registry import PACKAGES, cache_dir, ensure_converted, package_files

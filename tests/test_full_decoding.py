@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SPEECH_DIR, WORD_ROWS, faster_whisper_peer, joined
+from helpers import SPEECH_DIR, WORD_ROWS, audioeval_sample, faster_whisper_peer, joined
 from maxwhisper import decoding, transcribe as transcribe_module
 from maxwhisper.audio import load_audio
 from maxwhisper.cli import main
@@ -42,7 +42,6 @@ def test_beam_search_equals_faster_whisper(tiny_en, peers, case):
 
 @pytest.mark.parametrize("lang,name", [("es", "pangrama"), ("en", "quick_brown_fox")])
 def test_base_beam_search_equals_faster_whisper(base_model, peers, lang, name):
-    from test_transcribe import audioeval_sample
 
     audio = load_audio(audioeval_sample(lang, name)[0])
     ours = base_model.transcribe(audio, beam_size=5, temperature=0.0)

@@ -5,7 +5,7 @@ in batches, and cut at sample_len."""
 import numpy as np
 import pytest
 
-from conftest import joined, speech_clips
+from helpers import joined, speech_clips
 from maxwhisper.audio import load_audio, log_mel_spectrogram, pad_or_trim
 from maxwhisper.decoding import DecodingOptions, decode
 

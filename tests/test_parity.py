@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import get_spec, record_parity, shared_compiled, shared_reference
+from helpers import get_spec, record_parity, reference_model, shared_compiled, shared_reference
 from maxwhisper.runtime import DecoderState
 
 torch = pytest.importorskip("torch", reason="needs the PyTorch reference: pip install -e '.[test]'")

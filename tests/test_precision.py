@@ -4,8 +4,7 @@ default is bfloat16), checked on the CPU against float32 on real weights and spe
 import numpy as np
 import pytest
 
-from conftest import PRECISION_ROWS, real_model, speech_clips
-from maxwhisper.audio import load_audio, log_mel_spectrogram, pad_or_trim
+from helpers import PRECISION_ROWS, first_clip_mel, prompt_logits, prompt_tokens, real_model, speech_clips
 from maxwhisper.precision import PRECISIONS, bfloat16_bits, resolve_precision
 
 def test_bfloat16_rounding_equals_torch():
@@ -38,21 +37,6 @@ def low(request, model_cache):
 CLIP = sorted(speech_clips())[0]
 
 
-def _mel(spec) -> np.ndarray:
-    mel = pad_or_trim(log_mel_spectrogram(load_audio(CLIP), spec.audio), spec.audio.n_frames)
-    return np.ascontiguousarray(mel[None], np.float32)
-
-
-def _prompt(tok) -> list[int]:
-    return list(tok.sot_sequence) + [tok.timestamp_begin]
-
-
-def _our_logits(model) -> np.ndarray:
-    rt = model.runtime
-    _, ck, cv = rt.encode(_mel(model.spec))[:3]
-    return rt.decode(np.array([_prompt(model.tokenizer)]), rt.start(ck, cv))[0][0]
-
-
 def _openai_logits(model, dtype: str | None) -> np.ndarray:
     """openai-whisper on the same weights, in `dtype` with layer norms in float32 as
     its GPU half-precision path keeps them."""
@@ -68,8 +52,8 @@ def _openai_logits(model, dtype: str | None) -> np.ndarray:
             if isinstance(m, torch.nn.LayerNorm):
                 m.float()
     with torch.no_grad():
-        mel = torch.from_numpy(_mel(spec)).to(next(ref.parameters()).dtype)
-        out = ref.decoder(torch.tensor([_prompt(model.tokenizer)]), ref.encoder(mel))
+        mel = torch.from_numpy(first_clip_mel(spec)).to(next(ref.parameters()).dtype)
+        out = ref.decoder(torch.tensor([prompt_tokens(model.tokenizer)]), ref.encoder(mel))
     return out.float().numpy()[0]
 
 
@@ -86,8 +70,8 @@ def test_logits_as_close_to_float32_as_openai_whisper_in_the_same_dtype(low, tin
     do in the same dtype, and pick float32's top token wherever float32's lead over the
     runner-up is wider than the low-precision logits can resolve (logits leave the graph
     in the model dtype, as openai-whisper's do: a bfloat16 logit near 11 has steps of 1/16)."""
-    want = _our_logits(tiny_en)
-    got, theirs = _our_logits(low), _openai_logits(low, low.precision)
+    want = prompt_logits(tiny_en)
+    got, theirs = prompt_logits(low), _openai_logits(low, low.precision)
     ours_err, theirs_err = _rel(got, want), _rel(theirs, _openai_logits(low, None))
     PRECISION_ROWS.append((low.precision, "prompt logits, rel. error vs float32",
                            f"ours {ours_err:.1e}, openai-whisper {theirs_err:.1e}"))

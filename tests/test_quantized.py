@@ -4,7 +4,7 @@ everything else float32. Checked on real tiny.en weights and speech against floa
 import numpy as np
 import pytest
 
-from conftest import PRECISION_ROWS, real_model, speech_clips
+from helpers import PRECISION_ROWS, normalized, prompt_logits, real_model, speech_clips, wer
 from maxwhisper.precision import q4_0_blocks, quantized_matrices, resolve_precision
 from maxwhisper.model import Whisper
 
@@ -59,12 +59,11 @@ def test_logits_equal_float32_on_the_dequantized_weights(q4, tiny_en):
     wrong block order, row padding or vocabulary slice would be off by the logits' scale."""
     from benchmarks import peers
     from maxwhisper.registry import ensure_converted
-    from test_precision import _our_logits
 
     weights, spec, _ = peers.converted_weights("tiny.en")
     deq = {k: (_dequantized(k, v)[: v.shape[0]] if k in set(quantized_matrices(spec)) else v) for k, v in weights.items()}
     same_weights = Whisper(spec, deq, ensure_converted("tiny.en")[1], device="cpu", precision="float32")
-    want, got, full = _our_logits(same_weights), _our_logits(q4), _our_logits(tiny_en)
+    want, got, full = prompt_logits(same_weights), prompt_logits(q4), prompt_logits(tiny_en)
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     quant_err = float(np.linalg.norm(got - full) / np.linalg.norm(full))
     PRECISION_ROWS.append(("q4_0", "prompt logits, rel. error vs float32 on the same 4-bit weights / vs float32",
@@ -79,13 +78,12 @@ def test_logits_equal_float32_on_the_dequantized_weights(q4, tiny_en):
 def test_transcripts_close_to_float32(q4, tiny_en):
     """4-bit weights may change words (as CTranslate2's int8 does); on clean speech the
     word error rate stays within 3 points of float32's."""
-    from test_transcribe import NORMALIZE, wer
 
     rates = {}
     for dtype, model in (("q4_0", q4), ("float32", tiny_en)):
         errors = words = 0
         for path, text in speech_clips().items():
-            n = len(NORMALIZE(text).split())
+            n = len(normalized(text).split())
             errors, words = errors + wer(text, model.transcribe(path)["text"]) * n, words + n
         rates[dtype] = errors / words
     PRECISION_ROWS.append(("q4_0", "WER on tests/data/speech (float32's)", f"{rates['q4_0']:.1%} ({rates['float32']:.1%})"))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from conftest import SMALL_VARIANT
+from helpers import SMALL_VARIANT
 from maxwhisper.cli import main
 from maxwhisper.manifest import manifest, parameter_count
 from maxwhisper.spec import SpecError, builtin_names, load_spec, parse_spec

@@ -11,21 +11,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import SPEECH_DIR, WER_ROWS, faster_whisper_peer, joined, speech_clips
+from helpers import SPEECH_DIR, WER_ROWS, audioeval_sample, faster_whisper_peer, joined, normalized, speech_clips, wer
 from maxwhisper.audio import AudioError, load_audio
 from maxwhisper.cli import main
 from maxwhisper.runtime import resolve_device
 
 jiwer = pytest.importorskip("jiwer", reason="WER needs jiwer: pip install -e '.[test]'")
 fw = pytest.importorskip("faster_whisper", reason="the peer comparison needs faster-whisper")
-from whisper.normalizers import EnglishTextNormalizer  # noqa: E402  (test dependency)
-
-NORMALIZE = EnglishTextNormalizer()
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    return jiwer.wer(NORMALIZE(reference), NORMALIZE(hypothesis))
-
 
 @pytest.fixture(scope="session")
 def peer_tiny_en(model_cache):
@@ -86,7 +78,7 @@ def test_word_error_rate_on_clean_synthetic_speech(tiny_en):
     errors, words = 0.0, 0
     for path, text in speech_clips().items():
         hyp = tiny_en.transcribe(path)["text"]
-        n = len(NORMALIZE(text).split())
+        n = len(normalized(text).split())
         rate = wer(text, hyp)
         WER_ROWS.append((Path(path).name, rate, hyp.strip()))
         errors, words = errors + rate * n, words + n
@@ -203,14 +195,6 @@ def test_cli_writes_one_file_per_input_and_format(tiny_en, tmp_path, capsys, mon
 
 
 # --- multilingual base ---------------------------------------------------------------
-
-def audioeval_sample(lang: str, name: str) -> tuple[str, str]:
-    import importlib.util
-
-    found = importlib.util.find_spec("pytest_audioeval")  # a namespace package: no __file__
-    base = Path(list(found.submodule_search_locations)[0]) / "samples" / "audio" / lang
-    return str(base / f"{name}.wav"), (base / f"{name}.txt").read_text().strip()
-
 
 @pytest.mark.parametrize("lang,name", [("en", "quick_brown_fox"), ("es", "pangrama"), ("fr", "pangrama"),
                                        ("it", "pangrama"), ("ja", "pangrama")])

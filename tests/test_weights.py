@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import SMALL_VARIANT, reference_model
+from helpers import SMALL_VARIANT, reference_model
 from maxwhisper.convert import convert
 from maxwhisper.cli import main
 from maxwhisper.manifest import manifest
