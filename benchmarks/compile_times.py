@@ -4,6 +4,7 @@ the alignment decoder word timestamps add.
 
     python -m benchmarks.compile_times --models tiny.en base small large-v3-turbo
     python -m benchmarks.compile_times --models tiny.en --checkout /path/to/other/checkout
+    python -m benchmarks.compile_times --models tiny.en --parts   # where the time goes
 
 Weights are zeros of the manifest's shapes: a compile depends on names and shapes only.
 `--checkout` times another source tree of maxwhisper (its own API of `CompiledWhisper`
@@ -35,13 +36,36 @@ print(json.dumps(dict(model={name!r}, graphs_s=round(graphs, 1), alignment_s=rou
 """
 
 
-def cold(name: str, checkout: str | None) -> dict:
+# One graph per module, each compiled cold on its own: which part costs what.
+PART = """
+import json, time
+from max.driver import CPU
+from max.engine import InferenceSession
+from max.graph import Module
+from maxwhisper.builder import GraphOptions, decoder_graph, encoder_graph, select_graph
+from maxwhisper.spec import load_spec
+spec, part, module = load_spec({name!r}), {part!r}, Module()
+if part == "select":
+    select_graph(GraphOptions(), module)
+elif part == "encoder":
+    encoder_graph(spec, GraphOptions(), module)
+else:
+    decoder_graph(spec, GraphOptions(single_row=part == "decoder"), module=module)
+t = time.perf_counter()
+InferenceSession(devices=[CPU()]).compile(module)
+print(json.dumps(dict(model={name!r}, part=part, compile_s=round(time.perf_counter() - t, 1))))
+"""
+PARTS = ("select", "encoder", "decoder", "decoder without the single-row choice")
+
+
+def cold(name: str, checkout: str | None, part: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "XDG_CACHE_HOME": tmp, "MAXWHISPER_CACHE": os.path.join(tmp, "maxwhisper")}
         if checkout:
             env["PYTHONPATH"] = checkout
-        done = subprocess.run([sys.executable, "-c", CHILD.format(name=name)], env=env, capture_output=True,
-                              text=True, cwd=checkout or None)
+        code = CHILD.format(name=name) if part is None else PART.format(name=name, part=part)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              cwd=checkout or None)
         if done.returncode:
             return dict(model=name, error=done.stderr.strip().splitlines()[-1][:200])
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -51,14 +75,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["tiny.en", "base", "small", "large-v3-turbo"])
     p.add_argument("--checkout", default=None, help="another maxwhisper source tree to time instead")
+    p.add_argument("--parts", action="store_true", help="each graph alone, cold: " + ", ".join(PARTS))
     p.add_argument("--out", default=None, help="append the rows as JSON lines here")
     args = p.parse_args()
     for name in args.models:
-        row = {**cold(name, args.checkout), "checkout": args.checkout or "this"}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        for part in PARTS if args.parts else (None,):
+            row = {**cold(name, args.checkout, part), "checkout": args.checkout or "this"}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

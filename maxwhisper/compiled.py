@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import re
 import tempfile
 import threading
 import time
@@ -91,7 +92,11 @@ def compiled_dir() -> Path:
 
 
 def module_hash(module: Module) -> str:
-    return hashlib.sha256(str(module.mlir_module).encode()).hexdigest()
+    """The module's MLIR text, hashed. The text numbers each graph's ops with a counter
+    that runs on over the process (`{counter = N : i64}`): left out, so that one module
+    has one hash whatever was built before it."""
+    text = re.sub(r"\{counter = \d+ : i64\}", "", str(module.mlir_module))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def mef_path(module: Module, label: str, device) -> Path:
