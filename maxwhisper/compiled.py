@@ -109,10 +109,11 @@ def _about(module: Module, label: str, device) -> dict:
     return {"label": label, "max": _max_version(), "module": module_hash(module), "target": target(device)}
 
 
-def prebuilt(module: Module, label: str, device, directory: Path = PREBUILT) -> Path | None:
-    """A shipped MEF file for `module` that fits this machine, if there is one."""
+def prebuilt(module: Module, label: str, device, directory: Path | None = None) -> Path | None:
+    """A shipped MEF file for `module` (in `directory`, default PREBUILT) that fits this
+    machine, if there is one."""
     want = _about(module, label, device)
-    for sidecar in sorted(directory.glob("*.json")):
+    for sidecar in sorted((directory or PREBUILT).glob("*.json")):
         try:
             about = json.loads(sidecar.read_text())
         except (OSError, ValueError):
