@@ -141,7 +141,7 @@ def compile_module(session: InferenceSession, module: Module, label: str, device
 
     def announce():
         announced.set()
-        log.info("maxwhisper: compiling %s (once per machine; on 2 CPU cores about 1-2 minutes, "
+        log.info("maxwhisper: compiling %s (once per machine; minutes on a small CPU, "
                  "then cached in %s) ...", label, compiled_dir())
 
     timer = threading.Timer(ANNOUNCE_AFTER_S, announce)
