@@ -99,21 +99,28 @@ def module_hash(module: Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def mef_path(module: Module, label: str, device) -> Path:
-    key = hashlib.sha256(json.dumps([_max_version(), target(device), module_hash(module)]).encode()).hexdigest()
-    return compiled_dir() / f"{label}-{key[:20]}.mef"
-
-
 def _about(module: Module, label: str, device) -> dict:
-    """What a MEF file's JSON sidecar records."""
+    """What a MEF file's JSON sidecar records, and what names the file."""
     return {"label": label, "max": _max_version(), "module": module_hash(module), "target": target(device)}
+
+
+def _path(about: dict) -> Path:
+    key = hashlib.sha256(json.dumps([about["max"], about["target"], about["module"]]).encode()).hexdigest()
+    return compiled_dir() / f"{about['label']}-{key[:20]}.mef"
+
+
+def mef_path(module: Module, label: str, device) -> Path:
+    return _path(_about(module, label, device))
 
 
 def prebuilt(module: Module, label: str, device, directory: Path | None = None) -> Path | None:
     """A shipped MEF file for `module` (in `directory`, default PREBUILT) that fits this
     machine, if there is one."""
-    want = _about(module, label, device)
-    for sidecar in sorted((directory or PREBUILT).glob("*.json")):
+    return _prebuilt(_about(module, label, device), directory or PREBUILT)
+
+
+def _prebuilt(want: dict, directory: Path) -> Path | None:
+    for sidecar in sorted(directory.glob("*.json")):
         try:
             about = json.loads(sidecar.read_text())
         except (OSError, ValueError):
@@ -128,9 +135,10 @@ def prebuilt(module: Module, label: str, device, directory: Path | None = None) 
 def compile_module(session: InferenceSession, module: Module, label: str, device):
     """The compiled artifact of `module`: read from its MEF file, or compiled (MAX's own
     cache may still serve it) and written there. `label` names it in messages and the
-    file name ("tiny.en-float32-cpu")."""
-    path = mef_path(module, label, device)
-    for found in (path, prebuilt(module, label, device)):
+    file name ("tiny.en-graphs-float32-unfused-cpu"). The module is hashed once."""
+    about = _about(module, label, device)
+    path = _path(about)
+    for found in (path, _prebuilt(about, PREBUILT)):
         if found is not None and found.is_file():
             try:
                 return read(found)
@@ -153,7 +161,7 @@ def compile_module(session: InferenceSession, module: Module, label: str, device
         timer.cancel()
     if announced.is_set():
         log.info("maxwhisper: compiled %s in %.0f s", label, time.perf_counter() - started)
-    _export(compiled, path, _about(module, label, device))
+    _export(compiled, path, about)
     return compiled
 
 

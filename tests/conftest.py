@@ -9,7 +9,7 @@ from helpers import PARITY_ROWS, PRECISION_ROWS, WER_ROWS, WORD_ROWS, real_model
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """A private cache (converted weights, compiled models) for the whole session, so
+    """A private cache (converted weights, compiled models) for the whole test run, so
     tests never depend on the user's, nor write to it."""
     import os
 

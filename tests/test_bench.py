@@ -98,7 +98,7 @@ def test_random_weights_are_the_same_weights_for_every_system(model_cache):
 
 
 def test_random_weights_take_a_tokenizer_file(model_cache, tmp_path):
-    """A machine without the weight packages (the lent GPU) names a tokenizer.json."""
+    """A machine without the weight packages (a GPU host, say) names a tokenizer.json."""
     from maxwhisper.registry import package_files
     from maxwhisper.tokenizer import TokenizerError
 

@@ -122,7 +122,7 @@ def test_a_prebuilt_file_is_used_only_where_it_fits(small_module, tmp_path, monk
 
 
 def test_a_new_process_with_an_empty_max_cache_reads_the_file_and_compiles_nothing(tmp_path):
-    """The real thing: a model compiled in this session, loaded by a new process whose
+    """The real thing: a model compiled in this test run, loaded by a new process whose
     MAX compile cache is empty, from maxwhisper's MEF file alone: same logits."""
     from safetensors.numpy import save_file
 
