@@ -99,12 +99,12 @@ def test_best_of_keeps_the_highest_scoring_sample(tiny_en, monkeypatch):
 
 
 def _spy_decode(monkeypatch) -> list:
+    """Records the (options, prompts) of every decode call."""
     seen = []
     real = transcribe_module.decode
 
     def spy(runtime, tok, cross, opts, prompts=None):
-        seen.append(opts)
-        opts.window_prompts = prompts
+        seen.append((opts, prompts))
         return real(runtime, tok, cross, opts, prompts)
 
     monkeypatch.setattr(transcribe_module, "decode", spy)
@@ -114,9 +114,10 @@ def _spy_decode(monkeypatch) -> list:
 def test_fallback_walks_the_temperatures_and_reports_the_last(tiny_en, monkeypatch):
     """No text can reach a mean log-probability of 0, so every temperature is tried:
     beam search at 0, best-of sampling above; the segment says which one it kept."""
-    seen = _spy_decode(monkeypatch)
+    calls = _spy_decode(monkeypatch)
     result = tiny_en.transcribe(str(SPEECH_DIR / "04.wav"), beam_size=5, best_of=5, logprob_threshold=0.0,
                                 no_speech_threshold=None)
+    seen = [o for o, _ in calls]
     assert [o.temperature for o in seen] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert (seen[0].beam_size, seen[0].best_of) == (5, None)
     assert all((o.beam_size, o.best_of) == (None, 5) for o in seen[1:])
@@ -130,8 +131,9 @@ def test_fallback_on_repetitive_text(tiny_en, monkeypatch):
     audio = np.concatenate([load_audio(str(SPEECH_DIR / "02.wav"))] * 6)[: 29 * 16000]
     greedy = tiny_en.transcribe(audio, temperature=0.0)
     assert decoding.compression_ratio(greedy["text"]) > 2.4
-    seen = _spy_decode(monkeypatch)
+    calls = _spy_decode(monkeypatch)
     result = tiny_en.transcribe(audio)
+    seen = [o for o, _ in calls]
     assert [o.temperature for o in seen][:2] == [0.0, 0.2]
     kept = {s["temperature"] for s in result["segments"]}
     assert len(kept) == 1 and kept.pop() == seen[-1].temperature > 0
@@ -141,7 +143,8 @@ def test_fallback_on_repetitive_text(tiny_en, monkeypatch):
 def test_initial_prompt_goes_before_the_first_window(tiny_en, monkeypatch):
     seen = _spy_decode(monkeypatch)
     tiny_en.transcribe(str(SPEECH_DIR / "02.wav"), initial_prompt="Stella's shopping list.", temperature=0.0)
-    assert seen[0].window_prompts == [tiny_en.tokenizer.encode(" Stella's shopping list.")]
+    (_, first_prompts), *_ = seen
+    assert first_prompts == [tiny_en.tokenizer.encode(" Stella's shopping list.")]
 
 
 def test_subtitles_parse_with_real_parsers(tiny_en, tmp_path, monkeypatch):
@@ -184,8 +187,8 @@ def test_cli_passes_decoding_flags(tiny_en, tmp_path, monkeypatch, capsys):
 
     calls = []
 
-    def fake_batch(model, audios, **kw):
-        calls.append(kw)
+    def fake_batch(model, audios, options, **kw):
+        calls.append(dict(vars(options), **kw))
         for i, _ in enumerate(audios):
             yield i, dict(text="", segments=[], language="en")
 
@@ -197,7 +200,7 @@ def test_cli_passes_decoding_flags(tiny_en, tmp_path, monkeypatch, capsys):
                  "--temperature", "0", "0.5", "--no-condition-on-previous-text", "--batch-size", "3"]) == 0
     kw = calls[0]
     assert (kw["beam_size"], kw["best_of"], kw["patience"], kw["length_penalty"]) == (3, 2, 2.0, 0.5)
-    assert kw["initial_prompt"] == "Hi." and kw["word_timestamps"] and kw["temperature"] == [0.0, 0.5]
+    assert kw["initial_prompt"] == "Hi." and kw["word_timestamps"] and tuple(kw["temperature"]) == (0.0, 0.5)
     assert kw["condition_on_previous_text"] is False and kw["batch_size"] == 3
     assert main(["transcribe", wav, "-o", str(tmp_path), "--beam-size", "1", "--best-of", "1"]) == 0
     assert (calls[1]["beam_size"], calls[1]["best_of"]) == (None, None)
