@@ -13,11 +13,13 @@ same graphs (docs/design.md, "Start-up").
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from max.driver import CPU, Accelerator, Buffer, accelerator_count
 from max.engine import InferenceSession
+from max._mlir_context import ensure_default_mlir_context
 from max.graph import DeviceRef, Module
 
 from .builder import GraphOptions, decoder_graph, encoder_graph, select_graph
@@ -25,6 +27,11 @@ from .compiled import compile_module
 from .precision import Precision, bound_weights, resolve_precision
 from .spec import ModelSpec
 from .weights import check_arrays
+
+
+# MAX keeps one MLIR context, entered for the main thread only; graphs are built in it from
+# any thread, one build at a time, and a lazily compiled graph is compiled once.
+_BUILD_LOCK = threading.RLock()
 
 
 def resolve_device(device: str) -> str:
@@ -114,12 +121,13 @@ class CompiledWhisper:
 
     def _compile(self, what: str, *builders):
         """Build graphs into one module, load it compiled (compiled.py) and bind weights."""
-        module = Module()
-        graphs = [build(module) for build in builders]
-        label = f"{self.spec.name}-{what}-{self.precision.name}-{self.options.attention}-{self.device_name}"
-        models = self._session.init_all(compile_module(self._session, module, label, self.device),
-                                        weights_registry=self._registry)
-        return [models[g.name] for g in graphs]
+        with _BUILD_LOCK, ensure_default_mlir_context():
+            module = Module()
+            graphs = [build(module) for build in builders]
+            label = f"{self.spec.name}-{what}-{self.precision.name}-{self.options.attention}-{self.device_name}"
+            models = self._session.init_all(compile_module(self._session, module, label, self.device),
+                                            weights_registry=self._registry)
+            return [models[g.name] for g in graphs]
 
     def _put(self, a: np.ndarray) -> Buffer:
         return Buffer.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -181,20 +189,22 @@ class CompiledWhisper:
         return tokens.to_numpy()[:, : int(n.to_numpy())], sum_logprob.to_numpy()
 
     def _alignment_decoder(self):
-        if self._aligner is None:
-            self._aligner, = self._compile("alignment", lambda module: decoder_graph(
-                self.spec, self.options, alignment=True, module=module)[0])
+        with _BUILD_LOCK:
+            if self._aligner is None:
+                self._aligner, = self._compile("alignment", lambda module: decoder_graph(
+                    self.spec, self.options, alignment=True, module=module)[0])
         return self._aligner
 
     def _greedy_loop(self, eot: int | None = None, timestamp_begin: int | None = None):
-        if self._greedy is None:
-            from .loop import greedy_graph
-            from .tokenizer import special_ids
+        with _BUILD_LOCK:
+            if self._greedy is None:
+                from .loop import greedy_graph
+                from .tokenizer import special_ids
 
-            if eot is None:
-                eot, timestamp_begin = special_ids(self.spec)
-            self._greedy, = self._compile("greedy", lambda module: greedy_graph(
-                self.spec, eot, timestamp_begin, self.options, module))
+                if eot is None:
+                    eot, timestamp_begin = special_ids(self.spec)
+                self._greedy, = self._compile("greedy", lambda module: greedy_graph(
+                    self.spec, eot, timestamp_begin, self.options, module))
         return self._greedy
 
     def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at):
