@@ -27,40 +27,121 @@ def _read_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
 
 
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
-    """Mono float32 samples at `sample_rate`."""
-    import soundfile as sf
+    """Mono float32 samples at `sample_rate`, the whole file in memory (`AudioFile`
+    reads it block by block)."""
+    return np.concatenate([np.zeros(0, np.float32), *AudioFile(path, sample_rate).blocks()])
 
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"{path}: audio file not found")
-    if not path.is_file():
-        raise AudioError(f"{path}: not a file")
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        if shutil.which("ffmpeg"):
-            return prepare(_read_ffmpeg(path, sample_rate), sample_rate, sample_rate, str(path))
-        raise AudioError(f"{path}: not a readable audio file ({e}); formats beyond WAV/FLAC/OGG "
-                         "need ffmpeg installed") from None
-    return prepare(data, rate, sample_rate, str(path))
+
+# About a minute at 16 kHz: large enough to keep reading cheap, small beside a model.
+BLOCK_SAMPLES = 1 << 20
+# Samples louder than this are not audio in [-1, 1] (float audio may overshoot a little;
+# integer PCM cast to float without scaling peaks in the thousands).
+MAX_PEAK = 2.0
+# More channels than this in a (frames, channels) array is a channels-first array.
+MAX_CHANNELS = 32
+
+
+class AudioFile:
+    """A file's samples, mixed to mono and resampled to `sample_rate`, read block by block
+    (soundfile; ffmpeg for other formats when installed), so that hours of audio never
+    sit in memory at once. `blocks()` can be read again; each read checks the samples."""
+
+    def __init__(self, path: str | Path, sample_rate: int = 16000):
+        import soundfile as sf
+
+        self.path, self.sample_rate = Path(path), sample_rate
+        if not self.path.exists():
+            raise AudioError(f"{self.path}: audio file not found")
+        if not self.path.is_file():
+            raise AudioError(f"{self.path}: not a file")
+        try:
+            info = sf.info(str(self.path))
+            self._rate, self._ffmpeg = info.samplerate, False
+            self.duration = info.frames / info.samplerate
+        except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+            if not shutil.which("ffmpeg"):
+                raise AudioError(f"{self.path}: not a readable audio file ({e}); formats beyond WAV/FLAC/OGG "
+                                 "need ffmpeg installed") from None
+            self._rate, self._ffmpeg, self.duration = sample_rate, True, None
+        if self._rate <= 0:
+            raise AudioError(f"{self.path}: the file declares a sample rate of {self._rate} Hz")
+
+    def blocks(self):
+        """Mono float32 blocks at `sample_rate`; AudioError for a file that is empty or holds
+        NaN, infinite or out-of-range samples."""
+        import soxr
+
+        resampler = (None if self._rate == self.sample_rate else
+                     soxr.ResampleStream(self._rate, self.sample_rate, 1, dtype="float32", quality="HQ"))
+        total = 0
+        for block in (self._ffmpeg_blocks() if self._ffmpeg else self._soundfile_blocks()):
+            mono = _checked(block, str(self.path), total)
+            total += len(mono)
+            yield mono if resampler is None else resampler.resample_chunk(mono)
+        if not total:
+            raise AudioError(f"{self.path}: the audio is empty (zero samples)")
+        if resampler is not None:
+            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+    def _soundfile_blocks(self):
+        import soundfile as sf
+
+        try:
+            with sf.SoundFile(str(self.path)) as f:
+                for block in f.blocks(BLOCK_SAMPLES, dtype="float32", always_2d=True):
+                    yield block
+        except AudioError:
+            raise
+        except Exception as e:
+            raise AudioError(f"{self.path}: unreadable part in the audio data ({e})") from None
+
+    def _ffmpeg_blocks(self):
+        cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(self.path), "-f", "f32le", "-ac", "1",
+               "-ar", str(self.sample_rate), "-"]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            while chunk := proc.stdout.read(4 * BLOCK_SAMPLES):
+                yield np.frombuffer(chunk[: len(chunk) // 4 * 4], np.float32)[:, None]
+            err = proc.stderr.read().decode(errors="replace").strip()
+            if proc.wait():
+                raise AudioError(f"{self.path}: not a readable audio file (ffmpeg: {err[:200]})")
+
+
+def _mono(a: np.ndarray, source: str) -> np.ndarray:
+    if a.ndim == 2:
+        if a.shape[1] > MAX_CHANNELS:
+            raise AudioError(f"{source}: samples must be shaped (n,) or (n, channels); found {a.shape}, "
+                             f"{a.shape[1]} channels, more than {MAX_CHANNELS}: a channels-first array "
+                             "(as librosa and torchaudio return) needs transposing (`samples.T`)")
+        return a.mean(axis=1) if a.shape[1] > 1 else a[:, 0]
+    if a.ndim != 1:
+        raise AudioError(f"{source}: expected samples shaped (n,) or (n, channels), found {a.shape}")
+    return a
+
+
+def _checked(a: np.ndarray, source: str, offset: int = 0) -> np.ndarray:
+    """Mono float32 samples, refused when they are not audio."""
+    if not np.issubdtype(a.dtype, np.floating):
+        raise AudioError(f"{source}: samples must be floating point in [-1, 1], found dtype {a.dtype}")
+    a = _mono(a, source)
+    finite = np.isfinite(a)
+    if not finite.all():
+        first = int(np.argmin(finite)) + offset
+        raise AudioError(f"{source}: the audio contains {int(a.size - np.count_nonzero(finite))} NaN or "
+                         f"infinite samples (the first at sample {first})")
+    peak = float(np.max(np.abs(a))) if a.size else 0.0
+    if peak > MAX_PEAK:
+        raise AudioError(f"{source}: samples must be in [-1, 1], found a peak of {peak:g}; integer PCM "
+                         "cast to float needs scaling (divide 16-bit samples by 32768)")
+    return a.astype(np.float32, copy=False)
 
 
 def prepare(samples: np.ndarray, rate: int, sample_rate: int = 16000, source: str = "<array>") -> np.ndarray:
     """Check, mix down (frames x channels -> mono) and resample an array of samples."""
     import soxr
 
-    a = np.asarray(samples)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise AudioError(f"{source}: samples must be floating point in [-1, 1], found dtype {a.dtype}")
-    if a.ndim == 2:
-        a = a.mean(axis=1)
-    elif a.ndim != 1:
-        raise AudioError(f"{source}: expected samples shaped (n,) or (n, channels), found {a.shape}")
+    a = _checked(np.asarray(samples), source)
     if a.size == 0:
         raise AudioError(f"{source}: the audio is empty (zero samples)")
-    if not np.all(np.isfinite(a)):
-        raise AudioError(f"{source}: the audio contains {int(np.sum(~np.isfinite(a)))} NaN or infinite samples")
-    a = a.astype(np.float32)
     if rate != sample_rate:
         a = soxr.resample(a, rate, sample_rate, quality="HQ").astype(np.float32)
     return a
@@ -124,6 +205,116 @@ def log_mel_spectrogram(audio: np.ndarray, spec: AudioSpec, padding: int = 0,
     out += 4.0
     out /= 4.0
     return out
+
+
+class _Reader:
+    """Samples of one pass over a source, kept from a moving start onwards: index i < 0
+    reads sample -i (reflect padding), indices past the end read 0 (the padding of
+    silence), as `log_mel_spectrogram` pads them."""
+
+    def __init__(self, blocks):
+        self._blocks, self._buf, self._start, self.n = blocks, np.zeros(0, np.float32), 0, None
+
+    def get(self, lo: int, hi: int) -> np.ndarray:
+        while self.n is None and self._start + len(self._buf) < max(hi, 1 - lo):
+            block = next(self._blocks, None)
+            if block is None:
+                self.n = self._start + len(self._buf)
+            else:
+                self._buf = np.concatenate([self._buf, block])
+        idx = np.arange(lo, hi)
+        idx = np.abs(idx)  # reflect: the sample at -k mirrors the one at k
+        out = np.zeros(hi - lo, np.float32)
+        inside = (idx >= self._start) & (idx < self._start + len(self._buf))
+        out[inside] = self._buf[idx[inside] - self._start]
+        return out
+
+    def exhausted_before(self, i: int) -> bool:
+        return self.n is not None and i >= self.n
+
+    def release(self, before: int) -> None:
+        """Forget samples before `before` (never those a reflected frame 0 needs)."""
+        drop = min(max(0, before - self._start), len(self._buf))
+        if self._start + drop > 1024:
+            self._buf, self._start = self._buf[drop:], self._start + drop
+
+
+def _raw_log_mel(reader: _Reader, t0: int, t1: int, spec: AudioSpec) -> np.ndarray:
+    """log10 mel power of frames [t0, t1), each centred on sample t * hop."""
+    n_fft, hop = spec.n_fft, spec.hop_length
+    seg = reader.get(t0 * hop - n_fft // 2, (t1 - 1) * hop + n_fft - n_fft // 2).astype(np.float64)
+    frames = np.lib.stride_tricks.as_strided(seg, (t1 - t0, n_fft), (seg.strides[0] * hop, seg.strides[0]))
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    filters = mel_filters(spec.sample_rate, n_fft, spec.n_mels).astype(np.float64)
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
+    return np.log10(np.maximum(filters @ power.T, 1e-10)).astype(np.float32)
+
+
+class Spectrogram:
+    """The log-mel of an audio followed by one window of silence, as
+    `log_mel_spectrogram(audio, spec, padding=spec.n_samples)` computes it, read one
+    window at a time: memory stays at a window's size however long the audio.
+
+    The scale depends on the loudest frame of the whole audio, so construction reads the
+    source once (and refuses bad audio, naming it, before any decoding); windows read it
+    again from the start, in order. `source`: mono float32 samples at the spec's rate, or
+    an `AudioFile`."""
+
+    def __init__(self, source, spec: AudioSpec, block_frames: int = 4096):
+        self.spec, self._source = spec, source
+        if isinstance(source, np.ndarray):
+            self._blocks = lambda: (source[i: i + BLOCK_SAMPLES] for i in range(0, max(len(source), 1), BLOCK_SAMPLES))
+        else:
+            self._blocks = source.blocks
+        hop, half = spec.hop_length, spec.n_fft // 2
+        reader, peak, t0 = _Reader(self._blocks()), np.float32(-np.inf), 0
+        while not reader.exhausted_before(t0 * hop - half):
+            t1 = t0 + block_frames
+            raw = _raw_log_mel(reader, t0, t1, spec)
+            if reader.n is not None:  # frames past the end of the padded audio do not exist
+                raw = raw[:, : max(0, (reader.n + spec.n_samples) // hop - t0)]
+            if raw.size:
+                peak = max(peak, raw.max())
+            reader.release(t1 * hop - half)
+            t0 = t1
+        self.n_samples = reader.n
+        if not self.n_samples:
+            raise AudioError(f"{getattr(source, 'path', '<array>')}: the audio is empty (zero samples)")
+        self.total_frames = (self.n_samples + spec.n_samples) // hop
+        if t0 < self.total_frames:  # frames of pure padding: log10 of the 1e-10 floor
+            peak = max(peak, np.float32(-10.0))
+        self._floor = np.float32(peak - 8.0)
+        self.content_frames = self.total_frames - spec.n_frames
+        self._reader = None
+
+    @property
+    def duration(self) -> float:
+        return self.n_samples / self.spec.sample_rate
+
+    def _at(self, seek: int) -> _Reader:
+        if self._reader is None or self._reader_start > seek:
+            self._reader, self._reader_start = _Reader(self._blocks()), 0
+        return self._reader
+
+    def samples(self, seek: int, frames: int) -> np.ndarray:
+        """The audio's own samples under frames [seek, seek + frames)."""
+        hop = self.spec.hop_length
+        lo, hi = seek * hop, min((seek + frames) * hop, self.n_samples)
+        return self._at(seek).get(lo, hi) if hi > lo else np.zeros(0, np.float32)
+
+    def mel(self, seek: int, frames: int) -> np.ndarray:
+        """(n_mels, frames) log-mel of frames [seek, seek + frames); later calls may not seek
+        back further than this one (they may, at the cost of reading from the start)."""
+        frames = max(0, min(frames, self.total_frames - seek))
+        reader = self._at(seek)
+        out = _raw_log_mel(reader, seek, seek + frames, self.spec) if frames else \
+            np.zeros((self.spec.n_mels, 0), np.float32)
+        reader.release(seek * self.spec.hop_length - self.spec.n_fft // 2)
+        self._reader_start = seek
+        np.maximum(out, self._floor, out=out)
+        out += 4.0
+        out /= 4.0
+        return out
 
 
 def pad_or_trim(mel: np.ndarray, n_frames: int) -> np.ndarray:

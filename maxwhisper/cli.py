@@ -48,7 +48,7 @@ def _above_one(n: int) -> int | None:
 def _transcribe(args) -> int:
     from tqdm import tqdm
 
-    from .audio import AudioError, load_audio
+    from .audio import AudioError, AudioFile, Spectrogram
     from .model import load_model
     from .transcribe import transcribe_batch
     from .writers import write
@@ -67,15 +67,15 @@ def _transcribe(args) -> int:
         nonlocal failed
         for audio_path in args.audio:
             try:
-                samples = load_audio(audio_path, rate)
+                audio = Spectrogram(AudioFile(audio_path, rate), model.spec.audio)
             except AudioError as e:
                 print(f"maxwhisper: error: {e}", file=sys.stderr)
                 failed += 1
                 continue
             loaded.append(audio_path)
-            bar.total = round(bar.total + len(samples) / rate, 2)
+            bar.total = round(bar.total + audio.duration, 2)
             bar.refresh()
-            yield samples
+            yield audio
 
     options = TranscribeOptions(
         language=args.language, task=args.task, temperature=tuple(args.temperature),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import load_audio, prepare
+from .audio import AudioFile, Spectrogram, prepare
 from .registry import DEFAULT_MODEL, ensure_converted
 from .runtime import CompiledWhisper
 from .spec import ModelSpec, load_spec
@@ -59,15 +59,16 @@ class Whisper:
         """Transcribe several files or sample arrays, up to `batch_size` decoded together;
         results in input order, equal to transcribing each alone (on the CPU a lone row
         takes a matrix-vector kernel, so logits agree to float rounding, not bit for bit)."""
-        results = dict(transcribe_batch(self, (self._samples(a) for a in audios), options, batch_size=batch_size,
-                                        **overrides))
+        sources = [self._samples(a) for a in audios]  # bad audio refused before any decoding
+        results = dict(transcribe_batch(self, sources, options, batch_size=batch_size, **overrides))
         return [results[i] for i in range(len(results))]
 
-    def _samples(self, audio: str | Path | np.ndarray) -> np.ndarray:
-        rate = self.spec.audio.sample_rate
+    def _samples(self, audio: str | Path | np.ndarray) -> Spectrogram:
+        """A file is read a window at a time (its samples never all in memory)."""
+        a = self.spec.audio
         if isinstance(audio, (str, Path)):
-            return load_audio(audio, rate)
-        return prepare(audio, rate, rate)
+            return Spectrogram(AudioFile(audio, a.sample_rate), a)
+        return Spectrogram(prepare(audio, a.sample_rate, a.sample_rate), a)
 
 
 def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:

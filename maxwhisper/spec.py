@@ -10,6 +10,7 @@ and the dotted key path, so a user can fix a spec without reading this module.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -125,16 +126,16 @@ def _parse(cls, data, path: str, source: str):
     if origin is list:
         (item,) = typing.get_args(cls)
         if not isinstance(data, list):
-            raise SpecError(f"{where}: expected a list, found {type(data).__name__} {data!r}")
+            raise SpecError(f"{where}: expected a list, found {type(data).__name__} {_short(data)}")
         return [_parse(item, x, f"{path}[{i}]", source) for i, x in enumerate(data)]
     if dataclasses.is_dataclass(cls):
         if not isinstance(data, dict):
-            raise SpecError(f"{where}: expected a mapping, found {type(data).__name__} {data!r}")
+            raise SpecError(f"{where}: expected a mapping, found {type(data).__name__} {_short(data)}")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        unknown = sorted(set(data) - set(fields))
+        unknown = sorted(str(k) for k in data if k not in fields)
         if unknown:
-            raise SpecError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+            raise SpecError(f"{where}: unknown key(s) {_short(unknown)}; allowed: {sorted(fields)}")
         values = {}
         for name, f in fields.items():
             sub = f"{path}.{name}" if path else name
@@ -146,14 +147,22 @@ def _parse(cls, data, path: str, source: str):
         return cls(**values)
     if cls is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
-            raise SpecError(f"{where}: expected a number, found {type(data).__name__} {data!r}")
+            raise SpecError(f"{where}: expected a number, found {type(data).__name__} {_short(data)}")
+        if not math.isfinite(data):
+            raise SpecError(f"{where}: expected a finite number, found {data}")
         return float(data)
     if cls in (int, str, bool):
         # bool is an int in Python; a spec that says `n_layer: true` is still wrong.
         if not isinstance(data, cls) or (cls is int and isinstance(data, bool)):
-            raise SpecError(f"{where}: expected {cls.__name__}, found {type(data).__name__} {data!r}")
+            raise SpecError(f"{where}: expected {cls.__name__}, found {type(data).__name__} {_short(data)}")
         return data
     raise TypeError(f"unsupported schema type {cls}")  # a schema bug, never user input
+
+
+def _short(value, limit: int = 200) -> str:
+    """A value for an error message, cut short: a spec may hold anything."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _check(spec: ModelSpec) -> None:
@@ -185,8 +194,8 @@ def _check(spec: ModelSpec) -> None:
     for key, v in positive.items():
         if v <= 0:
             fail(key, f"must be positive, found {v}")
-    if not spec.norm_eps > 0:
-        fail("norm_eps", f"must be positive, found {spec.norm_eps}")
+    if not 0 < spec.norm_eps < math.inf:
+        fail("norm_eps", f"must be positive and finite, found {spec.norm_eps}")
     if spec.vocab.tokenizer not in ("gpt2", "multilingual"):
         fail("vocab.tokenizer", f"unknown tokenizer {spec.vocab.tokenizer!r}; known: gpt2, multilingual")
     for kind in ("self_attention", "cross_attention"):
@@ -216,13 +225,50 @@ def _check(spec: ModelSpec) -> None:
     names = [c.name for c in spec.encoder.stem]
     if len(set(names)) != len(names):
         fail("encoder.stem", f"stem convolution names must be unique, found {names}")
+    _check_size(spec, fail)
     for i, pair in enumerate(spec.alignment_heads):
         if len(pair) != 2 or not (0 <= pair[0] < spec.decoder.n_layer and 0 <= pair[1] < spec.decoder.n_head):
             fail(f"alignment_heads[{i}]", f"{pair} is not a [layer, head] inside "
                  f"{spec.decoder.n_layer} layers x {spec.decoder.n_head} heads")
 
 
+# Bounds that keep a typo (an extra zero or three) from allocating until memory runs
+# out: about twice the largest Whisper (large-v3, 1.55 G parameters), and attention
+# scores for one window that fit in memory.
+MAX_PARAMETERS = 4_000_000_000
+MAX_SCORES_BYTES = 4 << 30
+
+
+def _check_size(spec: ModelSpec, fail) -> None:
+    from .manifest import parameter_count
+
+    n = parameter_count(spec)
+    if n > MAX_PARAMETERS:
+        fail("dims", f"the spec declares {n:,} parameters ({4 * n / 2**30:,.1f} GiB in float32); "
+             f"at most {MAX_PARAMETERS:,} are accepted")
+    for part in ("encoder", "decoder"):
+        s = getattr(spec, part)
+        scores = 4 * s.n_head * s.n_ctx * s.n_ctx
+        if scores > MAX_SCORES_BYTES:
+            fail(f"{part}.n_ctx", f"attention scores of one window would take {scores / 2**30:,.1f} GiB "
+                 f"({part}.n_head={s.n_head} x n_ctx={s.n_ctx}^2 float32); at most "
+                 f"{MAX_SCORES_BYTES / 2**30:.0f} GiB are accepted")
+
+
 DEFAULTS = "defaults"  # specs/defaults.yaml: the shared structure, not a variant
+MAX_SPEC_BYTES = 1 << 20
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a spec needs none, and a few nested aliases in a
+    small file expand into gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecError(f"line {event.start_mark.line + 1}: YAML aliases (*name) are not accepted in a spec; "
+                            "write the values out")
+        return super().compose_node(parent, index)
 
 
 def _merged(base, over):
@@ -233,10 +279,19 @@ def _merged(base, over):
 
 
 def _read_yaml(path: Path):
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {size:,} bytes is too large for a spec (at most {MAX_SPEC_BYTES:,})")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e})") from None
+    try:
+        return yaml.load(text, Loader=_PlainLoader)
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
+        raise SpecError(f"{path}: not valid YAML: {str(e)[:500]}") from None
 
 
 def parse_spec(data, source: str = "<memory>") -> ModelSpec:

@@ -47,7 +47,10 @@ class WhisperTokenizer:
         path = Path(tokenizer_json)
         if not path.is_file():
             raise TokenizerError(f"{path}: tokenizer.json not found")
-        self.bpe = Tokenizer.from_file(str(path))
+        try:
+            self.bpe = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({str(e)[:200]})") from None
         self.spec = spec
         v = spec.vocab
         self.multilingual = v.multilingual

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from .audio import log_mel_spectrogram, pad_or_trim
+from .audio import Spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 
@@ -49,11 +49,11 @@ class _Stream:
     """One audio's walk through its 30 s windows: where it is, what it said, and the
     previous text that prompts its next window."""
 
-    def __init__(self, model, audio: np.ndarray, tok, initial_prompt: str | None, floor: float | None):
-        a = model.spec.audio
-        self.audio, self.tok, self.floor = audio, tok, floor
-        self.mel = log_mel_spectrogram(audio, a, padding=a.n_samples)
-        self.content_frames = self.mel.shape[-1] - a.n_frames
+    def __init__(self, model, audio: np.ndarray | Spectrogram, tok, initial_prompt: str | None,
+                 floor: float | None):
+        self.spectrogram = audio if isinstance(audio, Spectrogram) else Spectrogram(audio, model.spec.audio)
+        self.tok, self.floor = tok, floor
+        self.content_frames = self.spectrogram.content_frames
         self.prompt_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
         self.all_tokens: list[int] = list(self.prompt_tokens)
         self.segments: list[dict] = []
@@ -69,15 +69,16 @@ class _Stream:
     def prompt(self) -> list[int]:
         return self.all_tokens[self.prompt_reset_since:]
 
-    def window(self, n_frames: int, hop: int) -> tuple[int, np.ndarray | None]:
+    def window(self, n_frames: int) -> tuple[int, np.ndarray | None]:
         """The next window's content frames and its padded log-mel; None when it is too
         quiet to hold speech. Only content frames go in: the rest of the window is
         zeros, not the log-mel of padding, as openai-whisper and faster-whisper feed it."""
         frames = min(n_frames, self.content_frames - self.seek)
-        samples = self.audio[self.seek * hop: (self.seek + frames) * hop]
-        if self.floor is not None and (samples.size == 0 or np.max(np.abs(samples)) < self.floor):
-            return frames, None
-        return frames, pad_or_trim(self.mel[:, self.seek: self.seek + frames], n_frames)
+        if self.floor is not None:
+            samples = self.spectrogram.samples(self.seek, frames)
+            if samples.size == 0 or np.max(np.abs(samples)) < self.floor:
+                return frames, None
+        return frames, pad_or_trim(self.spectrogram.mel(self.seek, frames), n_frames)
 
     def accept(self, model, result: DecodingResult | None, cross, frames: int, cfg: dict) -> None:
         """Take a window's decoding (None: skipped unheard) and move on."""
@@ -172,7 +173,7 @@ class TranscribeOptions:
         return replace(options or cls(), **overrides)
 
 
-def transcribe_batch(model, audios: Iterable[np.ndarray], options: TranscribeOptions | None = None, *,
+def transcribe_batch(model, audios: Iterable[np.ndarray | Spectrogram], options: TranscribeOptions | None = None, *,
                      batch_size: int = 8, progress=None, **overrides) -> Iterator[tuple[int, dict]]:
     """Transcribe many audios, up to `batch_size` at once: their current windows are
     encoded in one call and decoded together (windows whose prompts differ in length
@@ -232,7 +233,7 @@ def transcribe_batch(model, audios: Iterable[np.ndarray], options: TranscribeOpt
 
         heard = []
         for index, stream in active:
-            frames, mel = stream.window(a.n_frames, a.hop_length)
+            frames, mel = stream.window(a.n_frames)
             if mel is None:
                 advance(index, stream, None, None, frames)
             else:
@@ -260,7 +261,7 @@ def _detect_languages(model, streams: list[_Stream], tok, task: str) -> None:
     if not (tok.multilingual and tok.language is None) or not streams:
         return
     a = model.spec.audio
-    mels = [pad_or_trim(s.mel[:, : min(a.n_frames, s.content_frames)], a.n_frames) for s in streams]
+    mels = [pad_or_trim(s.spectrogram.mel(0, min(a.n_frames, s.content_frames)), a.n_frames) for s in streams]
     _, ck, cv = model.runtime.encode(np.stack(mels))[:3]
     codes, probs = detect_language(model.runtime, tok, (ck, cv))
     for stream, code, p in zip(streams, codes, probs):

@@ -56,8 +56,19 @@ def check_tensors(spec: ModelSpec, shapes: Mapping[str, tuple[tuple[int, ...], s
 
 
 def check_arrays(spec: ModelSpec, tensors: Mapping[str, np.ndarray], source: str) -> None:
-    """`check_tensors` for arrays in memory."""
+    """`check_tensors` for arrays in memory, and every value finite."""
     check_tensors(spec, {k: (tuple(v.shape), _dtype_name(v)) for k, v in tensors.items()}, source)
+    check_finite(tensors, source)
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], source: str) -> None:
+    """A NaN or infinity in a weight turns every transcript into noise ("!!!!"), so a
+    checkpoint holding one is refused, naming the tensor."""
+    for name, a in tensors.items():
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise WeightsError(f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s) "
+                               f"of {a.size}; the checkpoint is damaged")
 
 
 def _open(path: str | Path):
@@ -75,7 +86,9 @@ def load_weights(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     with _open(path) as f:
         shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
         check_tensors(spec, shapes, str(path))
-        return {k: f.get_tensor(k) for k in shapes}
+        tensors = {k: f.get_tensor(k) for k in shapes}
+    check_finite(tensors, str(path))
+    return tensors
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
