@@ -292,8 +292,11 @@ class Spectrogram:
         return self.n_samples / self.spec.sample_rate
 
     def _at(self, seek: int) -> _Reader:
+        """The second pass's reader, moved on to `seek`: what lies before it is forgotten."""
         if self._reader is None or self._reader_start > seek:
             self._reader, self._reader_start = _Reader(self._blocks()), 0
+        self._reader.release(seek * self.spec.hop_length - self.spec.n_fft // 2)
+        self._reader_start = seek
         return self._reader
 
     def samples(self, seek: int, frames: int) -> np.ndarray:
@@ -309,8 +312,6 @@ class Spectrogram:
         reader = self._at(seek)
         out = _raw_log_mel(reader, seek, seek + frames, self.spec) if frames else \
             np.zeros((self.spec.n_mels, 0), np.float32)
-        reader.release(seek * self.spec.hop_length - self.spec.n_fft // 2)
-        self._reader_start = seek
         np.maximum(out, self._floor, out=out)
         out += 4.0
         out /= 4.0

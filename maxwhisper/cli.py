@@ -41,7 +41,9 @@ def _convert(args) -> None:
 CLI_SEARCH = 5
 
 
-def _above_one(n: int) -> int | None:
+def _above_one(n: int, flag: str) -> int | None:
+    if n < 0:
+        raise ValueError(f"{flag} must be >= 0, found {n}")
     return n if n > 1 else None
 
 
@@ -51,47 +53,54 @@ def _transcribe(args) -> int:
     from .audio import AudioError, AudioFile, Spectrogram
     from .model import load_model
     from .transcribe import transcribe_batch
-    from .writers import write
+    from .writers import OutputError, check_output_dir, output_stems, write
 
     if args.word_timestamps and args.task == "translate":
         raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
-
-    # Compiled once for every input.
-    model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
-    rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
-    loaded: list[str] = []
-    failed = 0
-    bar = tqdm(total=0, unit="s", disable=args.quiet or not sys.stderr.isatty(), desc="transcribing")
-
-    def inputs():
-        nonlocal failed
-        for audio_path in args.audio:
-            try:
-                audio = Spectrogram(AudioFile(audio_path, rate), model.spec.audio)
-            except AudioError as e:
-                print(f"maxwhisper: error: {e}", file=sys.stderr)
-                failed += 1
-                continue
-            loaded.append(audio_path)
-            bar.total = round(bar.total + audio.duration, 2)
-            bar.refresh()
-            yield audio
-
+    # Options and the output directory are checked before the model loads.
     options = TranscribeOptions(
         language=args.language, task=args.task, temperature=tuple(args.temperature),
-        beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of),
+        beam_size=_above_one(args.beam_size, "--beam-size"), best_of=_above_one(args.best_of, "--best-of"),
         patience=args.patience, length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
         condition_on_previous_text=args.condition_on_previous_text,
         compression_ratio_threshold=args.compression_ratio_threshold,
         logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
         without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
         prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations)
+    check_output_dir(args.output_dir)
+
+    # Compiled once for every input.
+    model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
+    rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
+    loaded: list[tuple[str, str]] = []  # (audio path, output stem) of each decoded input
+    failed = 0
+    bar = tqdm(total=0, unit="s", disable=args.quiet or not sys.stderr.isatty(), desc="transcribing")
+
+    def inputs():
+        nonlocal failed
+        for audio_path, stem in zip(args.audio, output_stems(args.audio)):
+            try:
+                audio = Spectrogram(AudioFile(audio_path, rate), model.spec.audio)
+            except AudioError as e:
+                print(f"maxwhisper: error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            loaded.append((audio_path, stem))
+            bar.total = round(bar.total + audio.duration, 2)
+            bar.refresh()
+            yield audio
+
     results = transcribe_batch(model, inputs(), options, batch_size=args.batch_size,
                                progress=lambda _i, frames, _total: bar.update(round(frames * hop / rate, 2)))
     with bar:
         for index, result in results:
-            for path in write(result, loaded[index], args.output_dir, args.output_format):
-                bar.write(f"wrote {path}", file=sys.stderr)
+            audio_path, stem = loaded[index]
+            try:
+                for path in write(result, audio_path, args.output_dir, args.output_format, stem):
+                    bar.write(f"wrote {path}", file=sys.stderr)
+            except OutputError as e:
+                bar.write(f"maxwhisper: error: {audio_path}: {e}", file=sys.stderr)
+                failed += 1
             if not args.quiet:
                 bar.write(result["text"].strip(), file=sys.stdout)
     return 2 if failed else 0
@@ -201,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     _show_progress_notes()
     try:
         rc = args.func(args)
-    except (SpecError, WeightsError, ValueError, RuntimeError, FileNotFoundError) as e:
+    except (SpecError, WeightsError, ValueError, RuntimeError, OSError) as e:
         print(f"maxwhisper: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("maxwhisper: interrupted; files already written are complete", file=sys.stderr)
+        return 130
     return rc or 0
 
 

@@ -8,6 +8,8 @@ leave the batch instead of riding along."""
 
 from __future__ import annotations
 
+import math
+
 import zlib
 from dataclasses import dataclass
 
@@ -42,8 +44,8 @@ class DecodingOptions:
         if self.beam_size is not None and self.best_of is not None:
             raise ValueError("beam_size and best_of cannot be given together: beam search is "
                              "for temperature 0, best_of for sampling")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, found {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, found {self.temperature}")
         if self.temperature > 0 and self.beam_size is not None:
             raise ValueError("beam_size needs temperature 0 (sampling uses best_of)")
         if self.temperature == 0 and self.best_of is not None:
@@ -51,7 +53,7 @@ class DecodingOptions:
         for name in ("beam_size", "best_of"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
-        if self.patience is not None and (self.beam_size is None or self.patience <= 0):
+        if self.patience is not None and (self.beam_size is None or not 0 < self.patience < math.inf):
             raise ValueError(f"patience needs beam_size and must be > 0, found {self.patience}")
         if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
             raise ValueError(f"length_penalty must lie in [0, 1], found {self.length_penalty}")

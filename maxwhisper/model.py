@@ -10,10 +10,10 @@ import numpy as np
 from .audio import AudioFile, Spectrogram, prepare
 from .registry import DEFAULT_MODEL, ensure_converted
 from .runtime import CompiledWhisper
-from .spec import ModelSpec, load_spec
+from .spec import ModelSpec, is_builtin_name, load_spec
 from .tokenizer import WhisperTokenizer
 from .transcribe import TranscribeOptions, transcribe, transcribe_batch
-from .weights import WeightsError, load_weights, read_metadata
+from .weights import WeightsError, embedded_spec, load_weights
 
 
 class Whisper:
@@ -76,11 +76,12 @@ def _local_files(path: Path, spec: str | None) -> tuple[Path, Path, ModelSpec]:
     if not weights.is_file():
         raise WeightsError(f"{path}: no model.safetensors found")
     tokenizer = weights.parent / "tokenizer.json"
-    if spec is None:
-        spec = read_metadata(weights).get("maxwhisper.spec")
-        if spec is None:
-            raise WeightsError(f"{weights}: the file does not say which spec it is; pass spec=NAME")
-    return weights, tokenizer, load_spec(spec)
+    if spec is not None:
+        return weights, tokenizer, load_spec(spec)
+    found = embedded_spec(weights)
+    if found is None:
+        raise WeightsError(f"{weights}: the file does not say which spec it is; pass spec=NAME or a YAML path")
+    return weights, tokenizer, found
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", spec: str | None = None,
@@ -96,9 +97,9 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", s
     The first load on a machine compiles the graphs (announced on the `maxwhisper`
     logger); later loads read them compiled from the cache."""
     path = Path(name_or_path)
-    if path.exists():
-        weights, tokenizer, model_spec = _local_files(path, spec)
-    else:
+    if is_builtin_name(str(name_or_path)) or not path.exists():  # `-o tiny.en` leaves a folder here
         weights, tokenizer, model_spec = ensure_converted(str(name_or_path))
+    else:
+        weights, tokenizer, model_spec = _local_files(path, spec)
     return Whisper(model_spec, load_weights(weights, model_spec), tokenizer, device=device, precision=precision,
                    attention=attention, greedy_on_device=greedy_on_device)

@@ -66,8 +66,8 @@ def ctranslate2_dir(name: str) -> Path:
     target = cache_dir() / name / "ctranslate2"
     if (target / "model.bin").is_file():
         return target
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
+    _make_cache(target)
+    with tempfile.TemporaryDirectory(dir=target, prefix=f"{_WORK_PREFIX}{os.getpid()}-") as tmp:
         with open(Path(tmp) / "model.bin", "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
@@ -79,6 +79,39 @@ def ctranslate2_dir(name: str) -> Path:
     return target
 
 
+_WORK_PREFIX = ".converting-"
+
+
+def _make_cache(target: Path) -> None:
+    """Make a model's cache folder, refusing a cache that cannot be one, and remove the
+    work folders of conversions that were killed (their process is gone)."""
+    root = cache_dir()
+    if root.exists() and not root.is_dir():
+        raise WeightsError(f"{root}: the model cache (MAXWHISPER_CACHE) is a file, not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeightsError(f"{target}: cannot make the model cache folder ({e.strerror}); "
+                           "set MAXWHISPER_CACHE to a writable directory") from None
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise WeightsError(f"{target}: the model cache is not writable; set MAXWHISPER_CACHE to a "
+                           "writable directory")
+    for work in target.glob(f"{_WORK_PREFIX}*"):
+        pid = work.name[len(_WORK_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
     """(weights, tokenizer.json, spec) for a named model, converting on first use."""
     spec = load_spec(name)
@@ -86,6 +119,7 @@ def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
     weights, tokenizer = target / "model.safetensors", target / "tokenizer.json"
     if weights.is_file() and tokenizer.is_file():
         return weights, tokenizer, spec
+    _make_cache(target)
     if name not in PACKAGES:
         raise WeightsError(f"no installable weights are known for {name!r} (known: {sorted(PACKAGES)}); "
                            f"convert a checkpoint with `maxwhisper convert SRC --spec {name} --out FILE` "
@@ -94,9 +128,8 @@ def ensure_converted(name: str) -> tuple[Path, Path, ModelSpec]:
     from .convert import ctranslate2
 
     tensors = ctranslate2.read(parts[0], spec, parts=parts)
-    target.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a crash never leaves a half-written cache.
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
+    with tempfile.TemporaryDirectory(dir=target, prefix=f"{_WORK_PREFIX}{os.getpid()}-") as tmp:
         save_weights(Path(tmp) / "model.safetensors", tensors, spec, PACKAGES[name].pip,
                      **{"maxwhisper.source_format": "ctranslate2"})
         shutil.copyfile(tok_src, Path(tmp) / "tokenizer.json")

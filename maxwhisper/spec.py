@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -316,14 +317,20 @@ def builtin_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in specs_dir().glob("*.yaml") if p.stem != DEFAULTS)
 
 
+def is_builtin_name(text: str) -> bool:
+    """A built-in variant's name, not a path: a path that spells one is written as a path
+    (`./tiny.en`)."""
+    return text in builtin_names() and not any(sep and sep in text for sep in (os.sep, os.altsep))
+
+
 def load_spec(name_or_path: str | Path) -> ModelSpec:
     """A built-in variant by name (`tiny.en`) or a YAML file by path."""
     text = str(name_or_path)
     path = Path(text)
-    if not (text.endswith((".yaml", ".yml")) or path.exists()):
-        if text not in builtin_names():
-            raise SpecError(f"unknown model spec {text!r}: not a file, and not one of {builtin_names()}")
+    if is_builtin_name(text):  # even where a folder of that name sits here
         path = specs_dir() / f"{text}.yaml"
+    elif not (text.endswith((".yaml", ".yml")) or path.exists()):
+        raise SpecError(f"unknown model spec {text!r}: not a file, and not one of {builtin_names()}")
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     return parse_spec(_read_yaml(path), str(path))

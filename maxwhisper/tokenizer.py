@@ -84,6 +84,12 @@ class WhisperTokenizer:
             if language is not None and language not in self.languages:
                 raise TokenizerError(f"unknown language {language!r}; known: {' '.join(self.languages)}")
             new.language = language
+        elif language not in (None, "en"):
+            raise TokenizerError(f"{self.spec.name} is an English-only model; it cannot transcribe language "
+                                 f"{language!r} (use a multilingual model)")
+        elif task == "translate":
+            raise TokenizerError(f"{self.spec.name} is an English-only model; it cannot translate "
+                                 "(use a multilingual model)")
         new.task = task or self.task
         return new
 

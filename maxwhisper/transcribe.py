@@ -4,6 +4,7 @@ their windows side by side so that each step encodes and decodes a batch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -161,6 +162,22 @@ class TranscribeOptions:
     prepend_punctuations: str = PREPEND_PUNCTUATIONS
     append_punctuations: str = APPEND_PUNCTUATIONS
     silence_threshold_db: float | None = -60.0
+
+    def __post_init__(self):
+        temperatures = (self.temperature,) if isinstance(self.temperature, (int, float)) else self.temperature
+        if not temperatures or not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in temperatures):
+            raise ValueError(f"temperature must be a finite number >= 0 or a sequence of them, "
+                             f"found {self.temperature!r}")
+        for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
+                     "silence_threshold_db"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number or None, found {value!r}")
+        search = dict(beam_size=self.beam_size, best_of=self.best_of, patience=self.patience,
+                      length_penalty=self.length_penalty)
+        for t in temperatures:  # the decoding options of every temperature, checked now
+            _options_at(t, search, task=self.task, suppress_tokens=self.suppress_tokens,
+                        suppress_blank=self.suppress_blank, without_timestamps=self.without_timestamps)
 
     @classmethod
     def of(cls, options: TranscribeOptions | None = None, **overrides) -> TranscribeOptions:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import yaml
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .manifest import manifest
-from .spec import ModelSpec
+from .spec import ModelSpec, builtin_names, load_spec, parse_spec
 
 FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32}
 
@@ -102,10 +105,46 @@ def save_weights(path: str | Path, tensors: Mapping[str, np.ndarray], spec: Mode
     tensors = {**{k: v for k, v in derived_tensors(spec).items() if k not in tensors}, **tensors}
     check_arrays(spec, tensors, source)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"maxwhisper.spec": spec.name, "maxwhisper.dims": json.dumps(spec.dims), **metadata}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=meta)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a directory; name the .safetensors file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeightsError(f"{path.parent}: cannot make the output directory ({e.strerror})") from None
+    meta = {"maxwhisper.spec": spec.name, "maxwhisper.spec_yaml": spec_yaml(spec),
+            "maxwhisper.dims": json.dumps(spec.dims), **metadata}
+    # Written beside the target and renamed: a crash never leaves half a checkpoint.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot write the weights ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def spec_yaml(spec: ModelSpec) -> str:
+    """The whole spec as YAML, so that a checkpoint of a custom spec loads on its own."""
+    data = dataclasses.asdict(spec)
+    data.pop("source")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def embedded_spec(path: str | Path) -> ModelSpec | None:
+    """The spec a checkpoint carries, else the built-in one it names (older files)."""
+    meta = read_metadata(path)
+    name = meta.get("maxwhisper.spec")
+    if "maxwhisper.spec_yaml" in meta:
+        try:
+            data = yaml.safe_load(meta["maxwhisper.spec_yaml"])
+        except yaml.YAMLError as e:
+            raise WeightsError(f"{path}: the spec stored in the file is not valid YAML ({e})") from None
+        return parse_spec(data, f"{path} (the spec stored in it)")
+    if name in builtin_names():
+        return load_spec(name)
+    return None
 
 
 def _dtype_name(a: np.ndarray) -> str:

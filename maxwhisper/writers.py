@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 FORMATS = ("txt", "json", "srt", "vtt", "tsv")
@@ -54,14 +58,74 @@ def to_tsv(result: dict) -> str:
     return "start\tend\ttext\n" + "".join(rows)
 
 
-def write(result: dict, audio_path: str | Path, output_dir: str | Path, fmt: str) -> list[Path]:
-    """Writes <output_dir>/<audio stem>.<ext> for `fmt` (or every format for 'all')."""
+class OutputError(OSError):
+    """Transcripts that cannot be written where asked; the message names the path."""
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """The output directory, made if missing; refused when it is a file or not writable,
+    before any audio is decoded."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: the output directory is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot make the output directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: the output directory is not writable")
+    return out
+
+
+def output_stems(audio_paths: Sequence[str | Path]) -> list[str]:
+    """One output name per input, in input order: the audio's stem (`talk.wav` -> `talk`),
+    or, where inputs share a stem, its whole file name (`clip.flac`, `clip.mp3`); where
+    they share that too (`a/same.wav`, `b/same.wav`), `-2`, `-3`, ... in input order after
+    the first."""
+    paths = [Path(p) for p in audio_paths]
+    stems = Counter(p.stem for p in paths)
+    names = [p.stem if stems[p.stem] == 1 else p.name for p in paths]
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        candidate, k = name, 2
+        while candidate in taken:
+            candidate, k = f"{name}-{k}", k + 1
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """The file appears whole or not at all: written beside its target, then renamed."""
+    if path.is_dir():
+        raise OutputError(f"{path}: cannot write the transcript, a directory is in the way")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write(result: dict, audio_path: str | Path, output_dir: str | Path, fmt: str,
+          stem: str | None = None) -> list[Path]:
+    """Writes <output_dir>/<stem>.<ext> for `fmt` (or every format for 'all'); `stem`
+    defaults to the audio's. Each file is written atomically; OutputError names the path
+    that failed."""
     formats = FORMATS if fmt == "all" else (fmt,)
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(output_dir)
+    stem = Path(audio_path).stem if stem is None else stem
     written = []
     for f in formats:
-        path = out_dir / f"{Path(audio_path).stem}.{f}"
-        path.write_text(globals()[f"to_{f}"](result), encoding="utf-8")
+        path = out_dir / f"{stem}.{f}"
+        try:
+            write_atomic(path, globals()[f"to_{f}"](result))
+        except OutputError:
+            raise
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write the transcript ({e.strerror or e})") from None
         written.append(path)
     return written

@@ -39,5 +39,11 @@ def read_checkpoint(src: str | Path, spec: ModelSpec, fmt: str | None = None):
 
 def convert(src: str | Path, spec: ModelSpec, out: str | Path, fmt: str | None = None) -> Path:
     fmt = fmt or detect_format(src)
+    source, target = Path(src).resolve(), Path(out).resolve()
+    if target == source or (source.is_dir() and target.parent == source and target.exists()):
+        raise WeightsError(f"{out}: the output would replace the checkpoint being converted ({src})")
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise WeightsError(f"{out}: cannot write there, {parent} is a file")
     tensors = read_checkpoint(src, spec, fmt)
     return save_weights(out, tensors, spec, str(src), **{"maxwhisper.source_format": fmt})
