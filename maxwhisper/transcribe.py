@@ -164,6 +164,23 @@ class TranscribeOptions:
     silence_threshold_db: float | None = -60.0
 
     def __post_init__(self):
+        number, flag, text = (int, float), (bool,), (str,)
+        kinds = dict(language=text, task=text, beam_size=(int,), best_of=(int,), patience=number,
+                     length_penalty=number, compression_ratio_threshold=number, logprob_threshold=number,
+                     no_speech_threshold=number, condition_on_previous_text=flag, initial_prompt=text,
+                     without_timestamps=flag, suppress_tokens=(str, tuple), suppress_blank=flag,
+                     word_timestamps=flag, prepend_punctuations=text, append_punctuations=text,
+                     silence_threshold_db=number, temperature=(int, float, tuple, list))
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            optional = "None" in _FIELD_TYPES[name]
+            wrong_bool = isinstance(value, bool) and bool not in kind
+            if (value is None and not optional) or (value is not None and (not isinstance(value, kind) or wrong_bool)):
+                raise ValueError(f"{name} must be {' or '.join(k.__name__ for k in kind)}"
+                                 f"{' or None' if optional else ''}, found {value!r}")
+        if isinstance(self.suppress_tokens, tuple) and not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.suppress_tokens):
+            raise ValueError(f"suppress_tokens must be token ids (ints), found {self.suppress_tokens!r}")
         temperatures = (self.temperature,) if isinstance(self.temperature, (int, float)) else self.temperature
         if not temperatures or not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in temperatures):
             raise ValueError(f"temperature must be a finite number >= 0 or a sequence of them, "
@@ -188,6 +205,9 @@ class TranscribeOptions:
         if unknown:
             raise ValueError(f"unknown transcribe option(s) {unknown}; known: {sorted(known)}")
         return replace(options or cls(), **overrides)
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(TranscribeOptions)}
 
 
 def transcribe_batch(model, audios: Iterable[np.ndarray | Spectrogram], options: TranscribeOptions | None = None, *,

@@ -47,7 +47,11 @@ class _Reader:
         return struct.unpack("<I", self.take(4))[0]
 
     def str(self) -> str:
-        return bytes(self.take(self.u16())).rstrip(b"\0").decode()
+        at = self.pos
+        try:
+            return bytes(self.take(self.u16())).rstrip(b"\0").decode()
+        except UnicodeDecodeError:
+            raise WeightsError(f"{self.source}: a name at byte {at} is not UTF-8; not a CTranslate2 model.bin") from None
 
 
 def read_container(path: str | Path, parts: list[Path] | None = None) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
@@ -69,8 +73,11 @@ def read_container(path: str | Path, parts: list[Path] | None = None) -> tuple[s
         if dtype_id not in _DTYPES:
             raise WeightsError(f"{path}: variable {name!r} has unsupported CTranslate2 dtype id {dtype_id} "
                                "(convert the model with --quantization float16 or float32)")
-        raw = r.take(r.u32())
-        variables[name] = np.frombuffer(raw, dtype=_DTYPES[dtype_id]).reshape(shape)
+        raw, dtype = r.take(r.u32()), np.dtype(_DTYPES[dtype_id])
+        if len(raw) != dtype.itemsize * int(np.prod(shape)):
+            raise WeightsError(f"{path}: variable {name!r} of shape {shape} and dtype {dtype} holds "
+                               f"{len(raw)} bytes, expected {dtype.itemsize * int(np.prod(shape))}")
+        variables[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
     aliases = {r.str(): r.str() for _ in range(r.u32())}
     if r.pos != len(data):
         raise WeightsError(f"{path}: {len(data) - r.pos} unexpected bytes after the last alias")
