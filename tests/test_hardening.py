@@ -52,6 +52,17 @@ def test_output_dir_that_is_a_file_is_refused_before_decoding(tmp_path, monkeypa
     assert "output directory is a file" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_output_dir_is_refused_before_decoding(tmp_path, monkeypatch, capsys):
+    import maxwhisper.model
+
+    monkeypatch.setattr(maxwhisper.model, "load_model", _no_model)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out").chmod(0o500)
+    assert main(["transcribe", str(SPEECH_DIR / "01.wav"), "-o", str(tmp_path / "out")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
 def test_one_unwritable_output_loses_nothing_else(tiny_en, tmp_path, monkeypatch, capsys):
     """An output name taken by a directory, an unreadable audio and a missing one: the
     good inputs are transcribed and written, one line names each failure, exit 2."""
