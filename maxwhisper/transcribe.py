@@ -50,12 +50,15 @@ class _Stream:
     """One audio's walk through its 30 s windows: where it is, what it said, and the
     previous text that prompts its next window."""
 
-    def __init__(self, model, audio: np.ndarray | Spectrogram, tok, initial_prompt: str | None,
+    def __init__(self, model, audio: np.ndarray | Spectrogram, tok, initial_prompt: str | tuple[int, ...] | None,
                  floor: float | None):
         self.spectrogram = audio if isinstance(audio, Spectrogram) else Spectrogram(audio, model.spec.audio)
         self.tok, self.floor = tok, floor
         self.content_frames = self.spectrogram.content_frames
-        self.prompt_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
+        if isinstance(initial_prompt, tuple):
+            self.prompt_tokens = list(initial_prompt)
+        else:
+            self.prompt_tokens = tok.encode(" " + initial_prompt.strip()) if initial_prompt else []
         self.all_tokens: list[int] = list(self.prompt_tokens)
         self.segments: list[dict] = []
         self.prompt_reset_since = self.seek = 0
@@ -141,8 +144,9 @@ def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = Non
 @dataclass(frozen=True)
 class TranscribeOptions:
     """`transcribe`'s options, with openai-whisper's defaults; the CLI reads them too.
-    `beam_size` applies at temperature 0, `best_of` above it. `silence_threshold_db`: a
-    window whose loudest sample is below this level (dBFS) is skipped unheard."""
+    `beam_size` applies at temperature 0, `best_of` above it. `initial_prompt`: text, or
+    token ids (as faster-whisper takes it). `silence_threshold_db`: a window whose
+    loudest sample is below this level (dBFS) is skipped unheard."""
     language: str | None = None
     task: str = "transcribe"
     temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES
@@ -154,7 +158,7 @@ class TranscribeOptions:
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
-    initial_prompt: str | None = None
+    initial_prompt: str | tuple[int, ...] | None = None
     without_timestamps: bool = False
     suppress_tokens: str | tuple[int, ...] | None = "-1"
     suppress_blank: bool = True
@@ -167,7 +171,7 @@ class TranscribeOptions:
         number, flag, text = (int, float), (bool,), (str,)
         kinds = dict(language=text, task=text, beam_size=(int,), best_of=(int,), patience=number,
                      length_penalty=number, compression_ratio_threshold=number, logprob_threshold=number,
-                     no_speech_threshold=number, condition_on_previous_text=flag, initial_prompt=text,
+                     no_speech_threshold=number, condition_on_previous_text=flag, initial_prompt=(str, tuple),
                      without_timestamps=flag, suppress_tokens=(str, tuple), suppress_blank=flag,
                      word_timestamps=flag, prepend_punctuations=text, append_punctuations=text,
                      silence_threshold_db=number, temperature=(int, float, tuple, list))
@@ -178,9 +182,10 @@ class TranscribeOptions:
             if (value is None and not optional) or (value is not None and (not isinstance(value, kind) or wrong_bool)):
                 raise ValueError(f"{name} must be {' or '.join(k.__name__ for k in kind)}"
                                  f"{' or None' if optional else ''}, found {value!r}")
-        if isinstance(self.suppress_tokens, tuple) and not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in self.suppress_tokens):
-            raise ValueError(f"suppress_tokens must be token ids (ints), found {self.suppress_tokens!r}")
+        for name in ("suppress_tokens", "initial_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+                raise ValueError(f"{name} must be text or token ids (ints), found {value!r}")
         temperatures = (self.temperature,) if isinstance(self.temperature, (int, float)) else self.temperature
         if not temperatures or not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in temperatures):
             raise ValueError(f"temperature must be a finite number >= 0 or a sequence of them, "

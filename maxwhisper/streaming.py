@@ -1,0 +1,266 @@
+"""Real-time transcription of audio as it arrives: words within a second or two of being
+spoken, and never taken back once committed.
+
+Policy, LocalAgreement-2 over word-timestamped decoding: every `update_seconds` of new
+audio the uncommitted buffer (at most `max_buffer_seconds`) is decoded again, with the
+last committed words as its prompt; the words on which two decodings in a row agree, in
+order from the start, are committed. Silence ends an utterance: once the speech
+detector hears `end_silence_seconds` of it after the last word, the rest of the
+hypothesis is committed and the buffer moves past the silence, which is never decoded.
+
+A `Stream` only keeps the audio and the policy; the decoding is the caller's
+(`request()` -> any decoder -> `accept()`), so that many streams can share one batched
+model (`decode_streams`, and the server's scheduler)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """`update_seconds`: new audio that triggers the next decoding. `max_buffer_seconds`:
+    the buffer is cut after its last committed word when it grows longer. `prompt_tokens`:
+    how many tokens of committed text prompt each decoding (a fixed length, so that
+    streams' decodings step together in one batch). `end_silence_seconds`: the silence
+    after the last word that ends an utterance. `speech_threshold`: the speech detector's
+    probability above which a 32 ms window is speech."""
+    language: str | None = None
+    update_seconds: float = 1.0
+    max_buffer_seconds: float = 15.0
+    prompt_tokens: int = 32
+    end_silence_seconds: float = 0.8
+    speech_threshold: float = 0.5
+
+    def __post_init__(self):
+        for name, low, high in (("update_seconds", 0.1, 30.0), ("max_buffer_seconds", 2.0, 28.0),
+                                ("end_silence_seconds", 0.1, 30.0), ("speech_threshold", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} must lie in [{low}, {high}], found {value!r}")
+        if isinstance(self.prompt_tokens, bool) or not isinstance(self.prompt_tokens, int) \
+                or not 0 <= self.prompt_tokens <= 200:
+            raise ValueError(f"prompt_tokens must be an int in [0, 200], found {self.prompt_tokens!r}")
+        if self.language is not None and not isinstance(self.language, str):
+            raise ValueError(f"language must be a language code or None, found {self.language!r}")
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+
+    def as_dict(self) -> dict:
+        return dict(word=self.word, start=round(self.start, 3), end=round(self.end, 3))
+
+
+@dataclass(frozen=True)
+class Event:
+    """`interim`: the current guess after the committed text (may change); `committed`:
+    words never taken back; `final`: after `finish()`, the whole committed text."""
+    type: str
+    text: str
+    words: tuple[Word, ...] = ()
+
+    def as_dict(self) -> dict:
+        return dict(type=self.type, text=self.text, words=[w.as_dict() for w in self.words])
+
+
+@dataclass(frozen=True)
+class Request:
+    """One decoding a stream asks for: its buffer and the prompt tokens to condition on;
+    times in the result are seconds into `audio`."""
+    audio: np.ndarray
+    prompt: tuple[int, ...]
+
+
+def _key(word: str) -> str:
+    return re.sub(r"[^\w']", "", word.lower())
+
+
+@dataclass
+class Stream:
+    """One live audio. `add(pcm)` as it arrives; when `due()`, decode `request()` and
+    hand the result (a transcribe() result with word timestamps) to `accept()`, which
+    returns the events; `finish()` ends the audio (one last decoding, then `final`).
+
+    `tokenize(text) -> token ids` makes the committed text a prompt; `speech(samples) ->
+    probabilities` is a streaming speech detector: fed the audio in pieces, it returns
+    the speech probability of each 512-sample window completed (maxwhisper.vad)."""
+    tokenize: Callable[[str], list[int]]
+    speech: Callable[[np.ndarray], np.ndarray]
+    options: StreamOptions = field(default_factory=StreamOptions)
+    committed: list[Word] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._buffer = np.zeros(0, np.float32)
+        self._offset = 0  # samples of the audio before the buffer
+        self._decoded_to = 0  # buffer length at the last request
+        self._hypothesis: list[Word] = []
+        self._finishing = self._finished = False
+        self._closing = False  # an utterance ended: decode it once more, commit it whole
+        self._windows = 0  # 512-sample windows the detector has scored
+        self._speech_end = 0  # sample where the last window heard as speech ends
+
+    @property
+    def received(self) -> float:
+        """Seconds of audio received."""
+        return (self._offset + len(self._buffer)) / SAMPLE_RATE
+
+    def add(self, pcm: np.ndarray) -> None:
+        """Append mono float32 samples at 16 kHz."""
+        if self._finishing:
+            raise ValueError("the stream is finished; start a new one")
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        if pcm.size and not np.isfinite(pcm).all():
+            raise ValueError("audio frames hold NaN or infinite samples")
+        self._buffer = np.concatenate([self._buffer, pcm])
+        probs = np.asarray(self.speech(pcm))
+        heard = np.flatnonzero(probs >= self.options.speech_threshold)
+        if heard.size:
+            self._speech_end = (self._windows + int(heard[-1]) + 1) * 512
+        self._windows += len(probs)
+        self._settle_silence()
+
+    def due(self) -> bool:
+        """Whether enough new audio arrived (or the stream is finishing) to decode again."""
+        if self._finished:
+            return False
+        new = len(self._buffer) - self._decoded_to
+        return self._finishing or (self._closing and (new > 0 or bool(self._hypothesis))) or \
+            new >= self.options.update_seconds * SAMPLE_RATE
+
+    def request(self) -> Request | None:
+        """The buffer to decode now, or None when it holds no speech (nothing to do)."""
+        self._decoded_to = len(self._buffer)
+        if self._speech_end <= self._offset:  # no speech in the buffer
+            return None
+        text = "".join(w.word for w in self.committed)
+        prompt = tuple(self.tokenize(text)[-self.options.prompt_tokens:]) if text and self.options.prompt_tokens \
+            else ()
+        return Request(self._buffer.copy(), prompt)
+
+    def accept(self, result: dict, request: Request) -> list[Event]:
+        """LocalAgreement-2: commit the agreed prefix of this and the last hypothesis."""
+        start = self._offset / SAMPLE_RATE
+        words = [Word(w["word"], start + w["start"], start + w["end"])
+                 for s in result.get("segments", []) for w in s.get("words", [])]
+        last_end = self.committed[-1].end if self.committed else 0.0
+        words = self._after_committed([w for w in words if w.end > last_end - 0.1])
+        if self._finishing:
+            self._finished = True
+            events = self._commit(words)
+            return events + [Event("final", "".join(w.word for w in self.committed).strip(), tuple(self.committed))]
+        if self._closing:  # the utterance is over: all of it is committed, its audio dropped
+            self._closing, self._hypothesis = False, []
+            events = self._commit(words)
+            self._drop(len(request.audio) - int(0.2 * SAMPLE_RATE))
+            return events + [Event("interim", "")]
+        agreed = 0
+        while agreed < min(len(words), len(self._hypothesis)) and \
+                _key(words[agreed].word) == _key(self._hypothesis[agreed].word):
+            agreed += 1
+        events = self._commit(words[:agreed])
+        self._hypothesis = words[agreed:]
+        self._trim()
+        events.append(Event("interim", "".join(w.word for w in self._hypothesis).strip(), tuple(self._hypothesis)))
+        return events
+
+    def finish(self) -> list[Event]:
+        """No more audio. Where speech is left in the buffer, the next request decodes it
+        and its `accept` commits all of it, then `final`; else `final` comes now."""
+        self._finishing = True
+        if self._speech_end > self._offset:
+            return []
+        self._finished = True
+        events = self._commit(self._hypothesis)
+        return events + [Event("final", "".join(w.word for w in self.committed).strip(), tuple(self.committed))]
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def _after_committed(self, words: list[Word]) -> list[Word]:
+        """Words already committed at the buffer's start come back in each decoding:
+        drop the longest run (up to 5) that repeats the committed tail."""
+        tail = [_key(w.word) for w in self.committed[-5:]]
+        for n in range(min(5, len(tail), len(words)), 0, -1):
+            if tail[-n:] == [_key(w.word) for w in words[:n]]:
+                return words[n:]
+        return words
+
+    def _commit(self, words: list[Word]) -> list[Event]:
+        if not words:
+            return []
+        self.committed.extend(words)
+        return [Event("committed", "".join(w.word for w in words).strip(), tuple(words))]
+
+    def _trim(self) -> None:
+        """Keep the buffer short: cut it after the last committed word once it is longer
+        than `max_buffer_seconds` (the prompt carries the text before the cut)."""
+        if len(self._buffer) <= self.options.max_buffer_seconds * SAMPLE_RATE or not self.committed:
+            return
+        cut = int(round(self.committed[-1].end * SAMPLE_RATE)) - self._offset
+        if cut <= 0:  # nothing committed inside the buffer: drop its oldest part instead
+            cut = len(self._buffer) - int(self.options.max_buffer_seconds * SAMPLE_RATE)
+        self._drop(cut)
+
+    def _drop(self, n: int) -> None:
+        n = max(0, min(n, len(self._buffer)))
+        self._buffer, self._offset = self._buffer[n:], self._offset + n
+        self._decoded_to = max(0, self._decoded_to - n)
+
+    def _settle_silence(self) -> None:
+        """After `end_silence_seconds` without speech the utterance is over: its audio is
+        decoded once more and committed whole; silence alone is dropped undecoded (a
+        little kept, for the next word's onset)."""
+        quiet = int(self.options.end_silence_seconds * SAMPLE_RATE)
+        end = self._offset + len(self._buffer)
+        if end - max(self._speech_end, self._offset) < quiet:
+            return
+        if self._speech_end > self._offset:
+            self._closing = True
+        elif not self._closing:
+            self._drop(len(self._buffer) - int(0.2 * SAMPLE_RATE))
+
+
+def stream_transcribe_options(model, options: StreamOptions, prompt: tuple[int, ...]):
+    """The `TranscribeOptions` of one streaming decoding: greedy and without fallback
+    (latency first), word timestamps, the committed text as the prompt."""
+    from .transcribe import TranscribeOptions
+
+    return TranscribeOptions(language=options.language, temperature=0.0, word_timestamps=True,
+                             condition_on_previous_text=False, initial_prompt=prompt or None,
+                             no_speech_threshold=None, compression_ratio_threshold=None, logprob_threshold=None)
+
+
+def decode_streams(model, requests: list[tuple[StreamOptions, Request]]) -> list[dict]:
+    """Decode the requests of many streams together, in the model's batched decoder."""
+    from .transcribe import transcribe_batch
+
+    results: list[dict | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for i, (options, request) in enumerate(requests):
+        groups.setdefault((options.language, request.prompt), []).append(i)
+    for rows in groups.values():
+        options, request = requests[rows[0]]
+        found = transcribe_batch(model, [requests[r][1].audio for r in rows],
+                                 stream_transcribe_options(model, options, request.prompt), batch_size=len(rows))
+        for index, result in found:
+            results[rows[index]] = result
+    return results
+
+
+def model_stream(model, options: StreamOptions = StreamOptions()) -> Stream:
+    """A `Stream` for `model`, its prompt from the model's tokenizer and its speech
+    detector maxwhisper's Silero VAD."""
+    from .vad import detector
+
+    return Stream(model.tokenizer.encode, detector().streaming(), options)
