@@ -96,6 +96,12 @@ def _batch(args) -> int:
         raise ValueError(f"--workers must be >= 1, found {args.workers}")
     if args.engine == "local" and (args.address is not None or args.workers is not None):
         raise ValueError("--address and --workers are for --engine ray")
+    if args.table == "parquet":
+        # Now, not at the end: pyarrow loaded after a MAX model has crashed reading Parquet.
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise RuntimeError("--table parquet needs pyarrow: pip install 'maxwhisper[ray]'") from None
     formats = FORMATS if "all" in args.output_format else tuple(dict.fromkeys(args.output_format))
     job = Job(model=args.model, precision=args.precision, options=options, formats=formats)
     with ResultsTable(args.output_dir, retry_errors=args.retry_errors) as table:
