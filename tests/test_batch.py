@@ -248,9 +248,15 @@ def test_ray_engine_equals_local_engine_and_transcribe(corpus, expected, ray_run
     assert (tally.ok, tally.failed, tally.skipped) == (19, 3, 0)
     local = {r["path"]: r for r in rows_of(local_run[0])}
     for row in rows:
-        assert (row["key"], row["status"], row["text"], row["segments"], row["error"]) == (
-            local[row["path"]]["key"], local[row["path"]]["status"], local[row["path"]]["text"],
-            local[row["path"]]["segments"], local[row["path"]]["error"])
+        other = local[row["path"]]
+        assert [row[k] for k in ("key", "status", "error", "text", "duration")] == [
+            other[k] for k in ("key", "status", "error", "text", "duration")]
+        exact = ("id", "seek", "start", "end", "text", "tokens", "temperature")
+        assert [[s[k] for k in exact] for s in row["segments"] or []] == [
+            [s[k] for k in exact] for s in other["segments"] or []]
+        # Other batch neighbours: the same tokens, logits to float rounding (transcribe_many).
+        assert [s["avg_logprob"] for s in row["segments"] or []] == pytest.approx(
+            [s["avg_logprob"] for s in other["segments"] or []], rel=1e-4)
     for path in good_files(corpus):
         rel = path.parent.relative_to(corpus) / f"{path.stem}.txt"
         assert (out / rel).read_bytes() == (local_run[0] / rel).read_bytes()
