@@ -47,7 +47,8 @@ class Source:
 def discover(inputs: Iterable[str | Path]) -> Iterator[Source]:
     """Audio files, directories (recursive, audio extensions only) and manifests: text
     (one path per line, `#` comments), JSONL (a "path" key per line) or CSV (a "path"
-    column). A manifest's relative paths are relative to the manifest's directory."""
+    column). A manifest's relative paths are relative to the manifest's directory.
+    Outputs mirror the tree below a directory input, or below a manifest's directory."""
     for given in inputs:
         path = Path(given)
         suffix = path.suffix.lower()
@@ -78,7 +79,10 @@ def _manifest(path: Path) -> Iterator[Source]:
     def entry(value, where: str) -> Source:
         if not isinstance(value, str) or not value.strip():
             return Source(where, problem=f"{where}: expected a path, found {value!r}")
-        return Source(os.path.abspath(base / value.strip()))
+        path = os.path.abspath(base / value.strip())
+        # Outputs mirror the tree below the manifest; files elsewhere go to the top.
+        subdir = os.path.relpath(os.path.dirname(path), os.path.abspath(base))
+        return Source(path, "" if subdir == "." or subdir.startswith("..") else subdir)
 
     with open(path, encoding="utf-8", newline="") as f:
         if suffix in CSV_MANIFESTS:

@@ -97,13 +97,14 @@ def check_complete(corpus: Path, output_dir: Path, expected: dict) -> list[dict]
 
 def test_manifests_list_paths_relative_to_themselves(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"")
-    (tmp_path / "list.txt").write_text("# comment\na.wav\n\n/abs/b.wav\n")
+    (tmp_path / "list.txt").write_text("# comment\na.wav\n\n/abs/b.wav\nsub/c.wav\n")
     (tmp_path / "list.jsonl").write_text('{"path": "a.wav", "speaker": 1}\n{"file": "x"}\nnot json\n')
     (tmp_path / "list.csv").write_text("id,path\n1,a.wav\n2,\n")
     (tmp_path / "cols.csv").write_text("id,file\n1,a.wav\n")
     got = list(discover([tmp_path / n for n in ("list.txt", "list.jsonl", "list.csv", "cols.csv", "gone.wav")]))
     a = str(tmp_path / "a.wav")
-    assert [s.path for s in got if s.problem is None] == [a, "/abs/b.wav", a, a]
+    assert [(s.path, s.subdir) for s in got if s.problem is None] == [
+        (a, ""), ("/abs/b.wav", ""), (str(tmp_path / "sub" / "c.wav"), "sub"), (a, ""), (a, "")]
     problems = [s.problem for s in got if s.problem is not None]
     assert problems == [f"{tmp_path / 'list.jsonl'}:2: a JSONL manifest line needs a \"path\" key",
                         f"{tmp_path / 'list.jsonl'}:3: not JSON (Expecting value)",
@@ -185,6 +186,25 @@ def test_other_options_or_changed_content_are_transcribed_again(tiny_en, tmp_pat
         assert run_local(tiny_en, [clip], tmp_path, srt, batch_size=2, table=table, quiet=True).ok == 1
     texts = [r["text"] for r in rows_of(tmp_path)]
     assert texts[1] == texts[2] != texts[0] and (tmp_path / "clip.srt").is_file()
+
+
+def test_a_file_that_breaks_its_batch_fails_alone(tiny_en, expected):
+    """Samples the model cannot take (text, as no loader gives) fail the batch they are
+    in; its other files are transcribed alone, and only that one fails."""
+    from maxwhisper.audio import load_audio
+    from maxwhisper.batch import Loaded, transcribe_loaded
+
+    def item(name, samples):
+        return Loaded(Source(name), "sha", name, samples=samples, duration=1.0)
+
+    good = [item(clip, load_audio(str(SPEECH_DIR / f"{clip}.wav"))) for clip in ("02", "05")]
+    bad = item("bad", "not samples")
+    got = {i.key: (result, error) for i, result, error in
+           transcribe_loaded(tiny_en, [good[0], bad, good[1]], OPTIONS, batch_size=3)}
+    assert sorted(got) == ["02", "05", "bad"]
+    assert got["bad"] == (None, "ValueError: could not convert string to float: 'not samples'")
+    for clip in ("02", "05"):
+        assert got[clip][1] is None and got[clip][0]["text"] == expected[clip]["text"]
 
 
 def test_parquet_table_holds_the_rows(local_run):
