@@ -28,7 +28,7 @@ from .batch import (Job, Loaded, ResultsTable, Source, Tally, discover, error_ro
 
 SAMPLE_RATE = 16000  # every Whisper model's; the actors check theirs against it
 FILES_PER_LIST = 32
-CALLS_PER_BATCH = 4  # files per actor call, in batch_size units: the tail of a call runs part-full
+BATCHES_PER_CALL = 4  # files per actor call, in batch_size units: the tail of a call runs part-full
 
 
 def _write_lists(sources: Iterable[Source], directory: Path) -> int:
@@ -159,7 +159,7 @@ def run_ray(inputs: Iterable[str | Path], output_dir: str | Path, job: Job, *, t
         ds = ds.flat_map(_load_row, fn_kwargs=dict(job=job, done=frozenset(table.done)))
         ds = ds.map_batches(Transcriber, fn_constructor_kwargs=dict(job=job, device=actor_device, attention=attention,
                                                                     batch_size=batch_size),
-                            batch_size=CALLS_PER_BATCH * batch_size, batch_format="numpy",
+                            batch_size=BATCHES_PER_CALL * batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=workers),
                             num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else 1)
         ds = ds.map_batches(_write_batch, fn_kwargs=dict(job=job, output_dir=str(output_dir)), batch_format="numpy")
