@@ -182,29 +182,19 @@ class ResultsTable:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def _repair(self, retry_errors: bool) -> None:
-        with open(self.path, "rb+") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if size:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":  # cut off by a crash mid-write
-                    f.seek(0)
-                    data = f.read()
-                    f.truncate(data.rfind(b"\n") + 1)
-        kept = 0
+        _cut_partial_line(self.path)
+        if not retry_errors:
+            with open(self.path, encoding="utf-8") as f:
+                self.done.update(json.loads(line)["key"] for line in f)
+            return
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(self.path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
             for line in src:
                 row = json.loads(line)
-                if retry_errors and row["status"] == "error":
-                    continue
-                self.done.add(row["key"])
-                dst.write(line)
-                kept += 1
-        if retry_errors:
-            os.replace(tmp, self.path)
-        else:
-            os.unlink(tmp)
+                if row["status"] != "error":
+                    self.done.add(row["key"])
+                    dst.write(line)
+        os.replace(tmp, self.path)
 
     def append(self, row: dict) -> bool:
         """False (and nothing written) when the file's key already has its row."""
@@ -223,6 +213,23 @@ class ResultsTable:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _cut_partial_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate after the last newline (a crash mid-write leaves a partial line)."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            block = f.read(pos - start)
+            if (i := block.rfind(b"\n")) >= 0:
+                if start + i + 1 < end:
+                    f.truncate(start + i + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -144,6 +144,17 @@ def test_table_cuts_a_half_written_row_and_can_drop_errors(tmp_path):
     assert rows_of(tmp_path) == rows[:1]
 
 
+@pytest.mark.parametrize("text,kept", [("a\nbb\ncccccccccc", "a\nbb\n"), ("a\nbb\n", "a\nbb\n"),
+                                       ("cccccccccc", ""), ("", "")])
+def test_partial_line_is_found_past_a_read_block(tmp_path, text, kept):
+    from maxwhisper.batch import _cut_partial_line
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    _cut_partial_line(path, chunk=3)
+    assert path.read_text() == kept
+
+
 # --- the local engine -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
