@@ -55,18 +55,7 @@ def _transcribe(args) -> int:
     from .transcribe import transcribe_batch
     from .writers import OutputError, check_output_dir, output_stems, write
 
-    if args.word_timestamps and args.task == "translate":
-        raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
-    # Options and the output directory are checked before the model loads.
-    options = TranscribeOptions(
-        language=args.language, task=args.task, temperature=tuple(args.temperature),
-        beam_size=_above_one(args.beam_size, "--beam-size"), best_of=_above_one(args.best_of, "--best-of"),
-        patience=args.patience, length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
-        condition_on_previous_text=args.condition_on_previous_text,
-        compression_ratio_threshold=args.compression_ratio_threshold,
-        logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
-        without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
-        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations)
+    options = _options(args)  # options and the output directory are checked before the model loads
     check_output_dir(args.output_dir)
 
     # Compiled once for every input.
@@ -106,6 +95,44 @@ def _transcribe(args) -> int:
     return 2 if failed else 0
 
 
+def _batch(args) -> int:
+    from .batch import Job, ResultsTable, write_parquet
+
+    options = _options(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, found {args.batch_size}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, found {args.workers}")
+    if args.engine == "local" and (args.address is not None or args.workers is not None):
+        raise ValueError("--address and --workers are for --engine ray")
+    if args.table == "parquet":
+        # Now, not at the end: pyarrow loaded after a MAX model has crashed reading Parquet.
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise RuntimeError("--table parquet needs pyarrow: pip install 'maxwhisper[ray]'") from None
+    formats = FORMATS if "all" in args.output_format else tuple(dict.fromkeys(args.output_format))
+    job = Job(model=args.model, precision=args.precision, options=options, formats=formats)
+    with ResultsTable(args.output_dir, retry_errors=args.retry_errors) as table:
+        if args.engine == "ray":
+            from .batch_ray import run_ray
+
+            tally = run_ray(args.inputs, args.output_dir, job, table=table, device=args.device,
+                            attention=args.attention, workers=args.workers, batch_size=args.batch_size,
+                            address=args.address, quiet=args.quiet)
+        else:
+            from .batch import run_local
+            from .model import load_model
+
+            model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
+            tally = run_local(model, args.inputs, args.output_dir, job, batch_size=args.batch_size, table=table,
+                              quiet=args.quiet)
+    if args.table == "parquet":
+        write_parquet(table.path)
+    print(f"maxwhisper: {tally.summary()}; table {table.path}", file=sys.stderr)
+    return 2 if tally.failed else 0
+
+
 def _warmup(args) -> None:
     from .model import load_model
 
@@ -123,6 +150,54 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
                         "q4_0: CPU only, the decoder's matrices in 4-bit blocks, faster, words may differ)")
     p.add_argument("--attention", default="unfused", choices=ATTENTION,
                    help="fused: MAX's flash-attention kernel (GPU only)")
+
+
+def _decoding_arguments(p: argparse.ArgumentParser) -> None:
+    d = TranscribeOptions()
+    p.add_argument("--language", default=d.language, help="language code; detected when omitted")
+    p.add_argument("--task", default=d.task, choices=["transcribe", "translate"])
+    p.add_argument("--temperature", type=float, nargs="+", default=list(d.temperature),
+                   help="temperatures to fall back through (default 0 0.2 ... 1.0)")
+    # Beams and samples: 5 each, as openai-whisper's command line has them (its API: one).
+    p.add_argument("--beam-size", type=int, default=CLI_SEARCH,
+                   help="beams for beam search at temperature 0; 0 or 1 decodes greedily (default 5)")
+    p.add_argument("--best-of", type=int, default=CLI_SEARCH,
+                   help="samples per window at temperatures above 0; 0 or 1 takes one (default 5)")
+    p.add_argument("--patience", type=float, default=d.patience,
+                   help="beam search stops after beam_size * patience finished candidates (default 1)")
+    p.add_argument("--length-penalty", type=float, default=d.length_penalty,
+                   help="rank candidates by logprob / ((5 + length) / 6) ** alpha; default: by mean logprob")
+    p.add_argument("--initial-prompt", default=d.initial_prompt, help="text to condition the first window on")
+    p.add_argument("--no-condition-on-previous-text", dest="condition_on_previous_text",
+                   action="store_false", help="do not prompt each window with the text before it")
+    p.add_argument("--compression-ratio-threshold", type=float, default=d.compression_ratio_threshold,
+                   help="retry hotter when the text compresses better than this (default %(default)s)")
+    p.add_argument("--logprob-threshold", type=float, default=d.logprob_threshold,
+                   help="retry hotter when the mean token logprob is below this (default %(default)s)")
+    p.add_argument("--no-speech-threshold", type=float, default=d.no_speech_threshold,
+                   help="skip a window whose no-speech probability is above this and whose text is unlikely")
+    p.add_argument("--without-timestamps", action="store_true", help="decode without timestamp tokens")
+    p.add_argument("--word-timestamps", action="store_true",
+                   help="align every word (json segments then carry `words`)")
+    p.add_argument("--prepend-punctuations", default=d.prepend_punctuations,
+                   help="with --word-timestamps, merge these symbols into the next word")
+    p.add_argument("--append-punctuations", default=d.append_punctuations,
+                   help="with --word-timestamps, merge these symbols into the previous word")
+
+
+def _options(args) -> TranscribeOptions:
+    """The decoding flags as options, checked before any model loads."""
+    if args.word_timestamps and args.task == "translate":
+        raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
+    return TranscribeOptions(
+        language=args.language, task=args.task, temperature=tuple(args.temperature),
+        beam_size=_above_one(args.beam_size, "--beam-size"), best_of=_above_one(args.best_of, "--best-of"),
+        patience=args.patience, length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
+        condition_on_previous_text=args.condition_on_previous_text,
+        compression_ratio_threshold=args.compression_ratio_threshold,
+        logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
+        without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
+        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,36 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("transcribe", help="transcribe audio files")
     tr.add_argument("audio", nargs="+", help="audio files (WAV/FLAC/OGG; more with ffmpeg installed)")
     _model_arguments(tr)
-    d = TranscribeOptions()
-    tr.add_argument("--language", default=d.language, help="language code; detected when omitted")
-    tr.add_argument("--task", default=d.task, choices=["transcribe", "translate"])
-    tr.add_argument("--temperature", type=float, nargs="+", default=list(d.temperature),
-                    help="temperatures to fall back through (default 0 0.2 ... 1.0)")
-    # Beams and samples: 5 each, as openai-whisper's command line has them (its API: one).
-    tr.add_argument("--beam-size", type=int, default=CLI_SEARCH,
-                    help="beams for beam search at temperature 0; 0 or 1 decodes greedily (default 5)")
-    tr.add_argument("--best-of", type=int, default=CLI_SEARCH,
-                    help="samples per window at temperatures above 0; 0 or 1 takes one (default 5)")
-    tr.add_argument("--patience", type=float, default=d.patience,
-                    help="beam search stops after beam_size * patience finished candidates (default 1)")
-    tr.add_argument("--length-penalty", type=float, default=d.length_penalty,
-                    help="rank candidates by logprob / ((5 + length) / 6) ** alpha; default: by mean logprob")
-    tr.add_argument("--initial-prompt", default=d.initial_prompt, help="text to condition the first window on")
-    tr.add_argument("--no-condition-on-previous-text", dest="condition_on_previous_text",
-                    action="store_false", help="do not prompt each window with the text before it")
-    tr.add_argument("--compression-ratio-threshold", type=float, default=d.compression_ratio_threshold,
-                    help="retry hotter when the text compresses better than this (default %(default)s)")
-    tr.add_argument("--logprob-threshold", type=float, default=d.logprob_threshold,
-                    help="retry hotter when the mean token logprob is below this (default %(default)s)")
-    tr.add_argument("--no-speech-threshold", type=float, default=d.no_speech_threshold,
-                    help="skip a window whose no-speech probability is above this and whose text is unlikely")
-    tr.add_argument("--without-timestamps", action="store_true", help="decode without timestamp tokens")
-    tr.add_argument("--word-timestamps", action="store_true",
-                    help="align every word (json segments then carry `words`)")
-    tr.add_argument("--prepend-punctuations", default=d.prepend_punctuations,
-                    help="with --word-timestamps, merge these symbols into the next word")
-    tr.add_argument("--append-punctuations", default=d.append_punctuations,
-                    help="with --word-timestamps, merge these symbols into the previous word")
+    _decoding_arguments(tr)
     tr.add_argument("--output-format", "-f", default="txt", choices=[*FORMATS, "all"],
                     help="file format to write; 'all' writes every one (default txt)")
     tr.add_argument("--output-dir", "-o", default=".", help="where to write <audio stem>.<format>")
@@ -184,6 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="audio files decoded together, one window each per step (default 8)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
     tr.set_defaults(func=_transcribe)
+
+    bt = sub.add_parser("batch", help="transcribe many files, resumably, here or on a Ray cluster",
+                        description="Transcribe files, directories (recursive) and manifests (text, JSONL or "
+                                    "CSV lists of paths). Each file's transcripts go to the output directory "
+                                    "(a directory's tree mirrored) and its row to results.jsonl there; a "
+                                    "rerun skips the files already in it.")
+    bt.add_argument("inputs", nargs="+", help="audio files, directories and manifests (.txt, .jsonl, .csv)")
+    bt.add_argument("--output-dir", "-o", required=True, help="where transcripts and results.jsonl go")
+    bt.add_argument("--output-format", "-f", nargs="+", default=["txt"], choices=[*FORMATS, "all"],
+                    help="file formats to write per input (default txt)")
+    _model_arguments(bt)
+    _decoding_arguments(bt)
+    bt.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="local: this process; ray: a Ray Data pipeline (pip install 'maxwhisper[ray]')")
+    bt.add_argument("--address", default=None, help="Ray cluster to join (default: start one on this machine)")
+    bt.add_argument("--workers", type=int, default=None,
+                    help="model actors for --engine ray (default: one per GPU, or one without GPUs)")
+    bt.add_argument("--batch-size", type=int, default=8, help="files decoded side by side per model (default 8)")
+    bt.add_argument("--table", default="jsonl", choices=["jsonl", "parquet"],
+                    help="parquet: also write results.parquet at the end (pyarrow)")
+    bt.add_argument("--retry-errors", action="store_true", help="try again the files the table has as failed")
+    bt.add_argument("--quiet", action="store_true", help="no progress bar")
+    bt.set_defaults(func=_batch)
 
     warm = sub.add_parser("warmup", help="compile a model now, for images, servers and workers",
                           description="Compile a model's graphs ahead of time into the cache "
