@@ -261,6 +261,8 @@ class Spectrogram:
     an `AudioFile`."""
 
     def __init__(self, source, spec: AudioSpec, block_frames: int = 4096):
+        if not hasattr(source, "blocks"):
+            source = np.asarray(source, dtype=np.float32).reshape(-1)
         self.spec, self._source = spec, source
         if isinstance(source, np.ndarray):
             self._blocks = lambda: (source[i: i + BLOCK_SAMPLES] for i in range(0, max(len(source), 1), BLOCK_SAMPLES))
