@@ -93,7 +93,8 @@ def test_ranking_equals_openai(length_penalty):
     (dict(beam_size=5, length_penalty=1.5), "length_penalty must lie in"),
     (dict(beam_size=0), "beam_size must be >= 1"),
     (dict(task="summarise"), "task must be"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
 ])
 def test_contradictory_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
