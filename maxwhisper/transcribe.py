@@ -11,7 +11,9 @@ import numpy as np
 
 from .audio import log_mel_spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
+from .spans import CHUNK_S, Timeline, chunks, clip_spans, merged, parse_clip_timestamps, speech_spans
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
+from .vad import VadOptions
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -126,13 +128,17 @@ class _Stream:
         return out
 
 
-def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = None, *, progress=None,
-               **overrides) -> dict:
+def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = None, *, batch_size: int = 1,
+               progress=None, **overrides) -> dict:
     """`model` is a `maxwhisper.model.Whisper`; `audio` mono float32 at the model's rate.
     Returns openai-whisper's keys: text, segments (with `words` when `word_timestamps`),
-    language. Options as `transcribe_batch`; `progress(frames, total_frames)`."""
+    language. Options as `transcribe_batch`; `progress(frames, total_frames)`.
+
+    With `vad_filter`, `batch_size` > 1 cuts the speech into chunks of at most 30 s at
+    its pauses and decodes up to `batch_size` of them side by side; `batch_size=1`
+    decodes the speech joined, in order, each window prompted with the text before it."""
     report = None if progress is None else (lambda _i, frames, total: progress(frames, total))
-    ((_, result),) = transcribe_batch(model, [audio], options, progress=report, **overrides)
+    ((_, result),) = transcribe_batch(model, [audio], options, batch_size=batch_size, progress=report, **overrides)
     return result
 
 
@@ -140,7 +146,11 @@ def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = Non
 class TranscribeOptions:
     """`transcribe`'s options, with openai-whisper's defaults; the CLI reads them too.
     `beam_size` applies at temperature 0, `best_of` above it. `silence_threshold_db`: a
-    window whose loudest sample is below this level (dBFS) is skipped unheard."""
+    window whose loudest sample is below this level (dBFS) is skipped unheard.
+    `vad_filter`: transcribe only the speech that the VAD finds (`vad_options`, default
+    `VadOptions()`). `clip_timestamps`: openai-whisper's, the spans to transcribe,
+    "start,end,start,end,..." seconds or a sequence of them ("0": all of it). Times in
+    the result stay on the audio's own timeline either way."""
     language: str | None = None
     task: str = "transcribe"
     temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES
@@ -160,6 +170,24 @@ class TranscribeOptions:
     prepend_punctuations: str = PREPEND_PUNCTUATIONS
     append_punctuations: str = APPEND_PUNCTUATIONS
     silence_threshold_db: float | None = -60.0
+    vad_filter: bool = False
+    vad_options: VadOptions | None = None
+    clip_timestamps: str | tuple[float, ...] = "0"
+
+    def __post_init__(self):
+        if not isinstance(self.vad_filter, bool):
+            raise ValueError(f"vad_filter must be True or False, found {self.vad_filter!r}")
+        if isinstance(self.vad_options, dict):  # as faster-whisper takes them
+            object.__setattr__(self, "vad_options", VadOptions(**self.vad_options))
+        if self.vad_options is not None and not isinstance(self.vad_options, VadOptions):
+            raise ValueError(f"vad_options must be a maxwhisper.vad.VadOptions or a dict of its fields, "
+                             f"found {type(self.vad_options).__name__}")
+        parse_clip_timestamps(self.clip_timestamps)
+
+    @property
+    def whole_audio(self) -> bool:
+        """Whether every sample is transcribed: no VAD, no clips."""
+        return not self.vad_filter and parse_clip_timestamps(self.clip_timestamps) == (0.0,)
 
     @classmethod
     def of(cls, options: TranscribeOptions | None = None, **overrides) -> TranscribeOptions:
@@ -183,8 +211,14 @@ def transcribe_batch(model, audios: Iterable[np.ndarray], options: TranscribeOpt
     gate (`silence_threshold_db`) is there because openai-whisper's no-speech rule alone
     lets a confident hallucination through (tiny.en says " you" to 20 s of digital
     zeros, no-speech probability 0.94); audio this quiet holds no speech to transcribe.
-    `progress(index, frames, total_frames)`."""
+    `progress(index, frames, total_frames)`.
+
+    With `vad_filter` or `clip_timestamps`, each audio's parts are decoded instead
+    (`_transcribe_parts`), their times mapped back onto the audio's timeline."""
     o = TranscribeOptions.of(options, **overrides)
+    if not o.whole_audio:
+        yield from _transcribe_parts(model, audios, o, batch_size, progress)
+        return
     language, task, temperature, beam_size, best_of = o.language, o.task, o.temperature, o.beam_size, o.best_of
     patience, length_penalty, initial_prompt = o.patience, o.length_penalty, o.initial_prompt
     suppress_tokens, suppress_blank, without_timestamps = o.suppress_tokens, o.suppress_blank, o.without_timestamps
@@ -252,6 +286,47 @@ def transcribe_batch(model, audios: Iterable[np.ndarray], options: TranscribeOpt
             for k, (r, result) in enumerate(zip(rows, results)):
                 index, stream, frames, _ = heard[r]
                 advance(index, stream, result, runtime.select_pair(cross, [k]) if word_timestamps else None, frames)
+
+
+def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions, batch_size: int,
+                      progress) -> Iterator[tuple[int, dict]]:
+    """Each audio's clips, narrowed to speech by the VAD, decoded as audios of their own:
+    with the VAD and `batch_size` > 1, chunks of at most 30 s cut at pauses, side by side
+    (with timestamps, so a chunk is read to its end as any audio is); otherwise the parts
+    joined into one audio, decoded in order with the text before each window as its
+    prompt. Yields (index, result) with times on each audio's own timeline."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
+    chunked = o.vad_filter and batch_size > 1
+    vad = o.vad_options or VadOptions()
+    if chunked and vad.max_speech_duration_s > CHUNK_S:
+        vad = replace(vad, max_speech_duration_s=CHUNK_S)
+    clips = parse_clip_timestamps(o.clip_timestamps)
+    plain = replace(o, vad_filter=False, vad_options=None, clip_timestamps="0")
+    timelines: dict[int, list[Timeline]] = {}
+    owner: list[tuple[int, int]] = []  # part -> (audio, its position among the audio's parts)
+
+    def parts():
+        for index, audio in enumerate(audios):
+            spans = clip_spans(clips, audio.size, rate)
+            if o.vad_filter:
+                spans = speech_spans(audio, spans, vad)
+            lines = chunks(spans, rate) if chunked else [Timeline(tuple(spans), rate)]
+            timelines[index] = lines or [Timeline((), rate)]  # no speech: an empty part, no words
+            for k, line in enumerate(timelines[index]):
+                owner.append((index, k))
+                yield line.join(audio)
+
+    report = None if progress is None else (lambda part, frames, total: progress(owner[part][0], frames, total))
+    done: dict[int, dict[int, dict]] = {}
+    for part, result in transcribe_batch(model, parts(), plain, batch_size=batch_size, progress=report):
+        index, k = owner[part]
+        done.setdefault(index, {})[k] = timelines[index][k].restore(result, hop)
+        if len(done[index]) == len(timelines[index]):
+            got = done.pop(index)
+            results = [got[j] for j in range(len(timelines.pop(index)))]
+            yield index, merged(results, o.language) if chunked else results[0]
 
 
 def _detect_languages(model, streams: list[_Stream], tok, task: str) -> None:
