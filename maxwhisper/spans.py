@@ -41,8 +41,8 @@ def parse_clip_timestamps(clips) -> tuple[float, ...]:
     for k in range(1, len(values)):
         if values[k] < values[k - 1]:
             kind = "end" if k % 2 else "start"
-            raise ValueError(f"clip_timestamps run backwards: the {kind} {values[k]} comes after {values[k - 1]} "
-                             f"in {clips!r}")
+            raise ValueError(f"clip_timestamps run backwards: the {kind} {values[k]} is before the "
+                             f"{values[k - 1]} ahead of it in {clips!r}")
     return values
 
 
