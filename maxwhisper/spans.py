@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .vad import VadOptions, detector, speech_timestamps
+from .vad import WINDOW, VadOptions, detector, speech_timestamps
 
 CHUNK_S = 30.0  # one Whisper window
 
@@ -66,6 +66,72 @@ def speech_spans(audio: np.ndarray, spans: list[tuple[int, int]], vad: VadOption
     return out
 
 
+def speech_sections(audio: np.ndarray, spans: list[tuple[int, int]], vad: VadOptions, sample_rate: int,
+                    sections: int, chunk_s: float = CHUNK_S) -> list[Timeline]:
+    """The speech inside the spans cut into up to `sections` parts of about equal length
+    (none shorter than `chunk_s` where the speech allows), each cut at the longest pause
+    near its equal share: a gap between speech spans, or a run of windows below the
+    VAD's silence threshold inside one. Each part is then read as a long-form audio of
+    its own, its windows prompted with the text before them, so only a part's first
+    window goes without the previous text."""
+    speech, pauses = [], []
+    for a, b in spans:
+        part = audio[a:b]
+        probs = detector()(part)
+        found = [(a + s, a + e) for s, e in speech_timestamps(probs, part.size, vad)]
+        pauses += _pauses(probs, found, a, vad) + ([(speech[-1][1], found[0][0], found[0][0] - speech[-1][1])]
+                                                   if speech and found else [])
+        speech += found
+    if not speech:
+        return []
+    return _sections(speech, sorted(pauses), sample_rate, sections, chunk_s)
+
+
+def _pauses(probs: np.ndarray, speech: list[tuple[int, int]], offset: int,
+            vad: VadOptions) -> list[tuple[int, int, int]]:
+    """Where a chunk may end: (end of the chunk, start of the next, how long the pause
+    is) in samples, at each gap between speech spans and in the middle of each run of
+    quiet windows (three or more, 96 ms) inside a span."""
+    cuts = [(e, s, s - e) for (_, e), (s, _) in zip(speech, speech[1:])]
+    quiet = np.concatenate([[False], probs < vad.silence_threshold, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
+    for first, last in zip(edges[::2], edges[1::2]):
+        if last - first >= 3:
+            mid = offset + (first + last) // 2 * WINDOW
+            if any(s < mid < e for s, e in speech):
+                cuts.append((mid, mid, (last - first) * WINDOW))
+    return sorted(cuts)
+
+
+def _sections(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]], sample_rate: int,
+              sections: int, chunk_s: float) -> list[Timeline]:
+    starts = np.cumsum([0] + [e - s for s, e in speech])
+    total = int(starts[-1])
+    n = max(1, min(sections, int(total // (chunk_s * sample_rate))))
+    share = total / n
+
+    def content(x: int) -> int:  # speech before sample x
+        k = bisect.bisect_right([s for s, _ in speech], x) - 1
+        return 0 if k < 0 else int(starts[k] + min(x, speech[k][1]) - speech[k][0])
+
+    def part(x: int, y: int) -> Timeline:
+        return Timeline(tuple((max(s, x), min(e, y)) for s, e in speech if min(e, y) > max(s, x)), sample_rate)
+
+    bounds = [(speech[0][0], None)]
+    for k in range(1, n):
+        target = k * share
+        near = [p for p in pauses if abs(content(p[0]) - target) <= share / 4 and p[0] > bounds[-1][0]]
+        if near:
+            stop, start, _ = max(near, key=lambda p: (p[2], -abs(content(p[0]) - target)))
+        else:  # no pause near the share: cut inside the speech, where the share ends
+            i = int(np.searchsorted(starts, target, side="right")) - 1
+            stop = start = int(speech[i][0] + target - starts[i])
+        bounds[-1] = (bounds[-1][0], stop)
+        bounds.append((start, None))
+    bounds[-1] = (bounds[-1][0], speech[-1][1])
+    return [line for line in (part(x, y) for x, y in bounds) if line.spans]
+
+
 @dataclass(frozen=True)
 class Timeline:
     """Spans of the original audio laid end to end: where each starts in the joined
@@ -110,22 +176,6 @@ class Timeline:
                 word["start"] = round(self.original(word["start"]), 3)
                 word["end"] = round(self.original(word["end"], is_end=True), 3)
         return result
-
-
-def chunks(spans: list[tuple[int, int]], sample_rate: int, chunk_s: float = CHUNK_S) -> list[Timeline]:
-    """Consecutive spans grouped into timelines of at most `chunk_s` seconds each (a
-    longer span alone makes its own)."""
-    limit = chunk_s * sample_rate
-    out: list[list[tuple[int, int]]] = []
-    length = 0
-    for a, b in spans:
-        if out and length + (b - a) <= limit:
-            out[-1].append((a, b))
-            length += b - a
-        else:
-            out.append([(a, b)])
-            length = b - a
-    return [Timeline(tuple(c), sample_rate) for c in out]
 
 
 def merged(results: list[dict], language: str | None) -> dict:

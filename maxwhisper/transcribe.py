@@ -11,7 +11,7 @@ import numpy as np
 
 from .audio import log_mel_spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
-from .spans import CHUNK_S, Timeline, chunks, clip_spans, merged, parse_clip_timestamps, speech_spans
+from .spans import Timeline, clip_spans, merged, parse_clip_timestamps, speech_sections, speech_spans
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .vad import VadOptions
 
@@ -300,8 +300,6 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions,
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
     chunked = o.vad_filter and batch_size > 1
     vad = o.vad_options or VadOptions()
-    if chunked and vad.max_speech_duration_s > CHUNK_S:
-        vad = replace(vad, max_speech_duration_s=CHUNK_S)
     clips = parse_clip_timestamps(o.clip_timestamps)
     plain = replace(o, vad_filter=False, vad_options=None, clip_timestamps="0")
     timelines: dict[int, list[Timeline]] = {}
@@ -310,9 +308,10 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions,
     def parts():
         for index, audio in enumerate(audios):
             spans = clip_spans(clips, audio.size, rate)
-            if o.vad_filter:
-                spans = speech_spans(audio, spans, vad)
-            lines = chunks(spans, rate) if chunked else [Timeline(tuple(spans), rate)]
+            if chunked:
+                lines = speech_sections(audio, spans, vad, rate, batch_size)
+            else:
+                lines = [Timeline(tuple(speech_spans(audio, spans, vad) if o.vad_filter else spans), rate)]
             timelines[index] = lines or [Timeline((), rate)]  # no speech: an empty part, no words
             for k, line in enumerate(timelines[index]):
                 owner.append((index, k))

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import joined, speech_clips
 from maxwhisper import TranscribeOptions
-from maxwhisper.spans import Timeline, chunks, parse_clip_timestamps
+from maxwhisper.spans import Timeline, parse_clip_timestamps
 from maxwhisper.vad import CONTEXT, WINDOW, VadOptions, detector, speech_timestamps
 
 RATE = 16000
@@ -171,8 +171,20 @@ def test_times_in_joined_parts_map_back_onto_the_original_timeline():
     assert [(w["start"], w["end"]) for s in result["segments"] for w in s["words"]] == [(1.2, 2.0), (5.1, 5.6)]
 
 
-def test_spans_group_into_chunks_of_at_most_thirty_seconds():
-    spans = [(0, 10 * RATE), (12 * RATE, 25 * RATE), (26 * RATE, 36 * RATE), (40 * RATE, 80 * RATE)]
-    got = chunks(spans, RATE)
-    assert [c.spans for c in got] == [tuple(spans[:2]), (spans[2],), (spans[3],)]
-    assert got[0].join(np.arange(40 * RATE, dtype=np.float32)).size == 23 * RATE
+def test_speech_is_cut_into_sections_at_the_longest_pause_near_each_share():
+    from maxwhisper.spans import _sections
+
+    r = RATE
+    # 100 s of speech in four spans; pauses inside them of 0.2 s (at 24 s and 49 s) and 0.6 s (at 44 s).
+    speech = [(0, 30 * r), (31 * r, 60 * r), (62 * r, 80 * r), (80 * r + 4000, 104 * r)]
+    pauses = sorted([(30 * r, 31 * r, r), (60 * r, 62 * r, 2 * r), (80 * r, 80 * r + 4000, 4000),
+                     (24 * r, 24 * r, r // 5), (44 * r, 44 * r, 3 * r // 5), (49 * r, 49 * r, r // 5)])
+    got = _sections(speech, pauses, r, sections=8, chunk_s=30.0)
+    # Three sections (none under 30 s of speech): 100 / 3 s each, cut at the longest pause
+    # within a quarter share of 33.3 s and 66.7 s: the gap at 30-31 s and the one at 60-62 s.
+    assert [line.spans for line in got] == [((0, 30 * r),), ((31 * r, 60 * r),), tuple(speech[2:])]
+    one = _sections(speech, pauses, r, sections=1, chunk_s=30.0)
+    assert [line.spans for line in one] == [tuple(speech)]
+    # Speech without pauses is cut where the share ends.
+    plain = _sections([(0, 90 * r)], [], r, sections=3, chunk_s=30.0)
+    assert [line.spans for line in plain] == [((0, 30 * r),), ((30 * r, 60 * r),), ((60 * r, 90 * r),)]
