@@ -1,7 +1,8 @@
 """The parts of an audio that are transcribed: the spans that `clip_timestamps` names,
 narrowed to speech by the VAD; joined into one audio (decoded in order, each window
-prompted with the text before it) or into chunks of at most 30 s (decoded side by side);
-and the times of what was decoded mapped back onto the original timeline."""
+prompted with the text before it) or cut at long pauses into sections (decoded side by
+side, each with its own previous text); and the times of what was decoded mapped back
+onto the original timeline."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def speech_sections(audio: np.ndarray, spans: list[tuple[int, int]], vad: VadOpt
 
 def _pauses(probs: np.ndarray, speech: list[tuple[int, int]], offset: int,
             vad: VadOptions) -> list[tuple[int, int, int]]:
-    """Where a chunk may end: (end of the chunk, start of the next, how long the pause
+    """Where a section may end: (its end, the next one's start, how long the pause
     is) in samples, at each gap between speech spans and in the middle of each run of
     quiet windows (three or more, 96 ms) inside a span."""
     cuts = [(e, s, s - e) for (_, e), (s, _) in zip(speech, speech[1:])]
@@ -179,7 +180,7 @@ class Timeline:
 
 
 def merged(results: list[dict], language: str | None) -> dict:
-    """The results of one audio's chunks, in order, as one result."""
+    """The results of one audio's sections, in order, as one result."""
     segments = [s for r in results for s in r["segments"]]
     for i, segment in enumerate(segments):
         segment["id"] = i

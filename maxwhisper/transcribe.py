@@ -134,9 +134,10 @@ def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = Non
     Returns openai-whisper's keys: text, segments (with `words` when `word_timestamps`),
     language. Options as `transcribe_batch`; `progress(frames, total_frames)`.
 
-    With `vad_filter`, `batch_size` > 1 cuts the speech into chunks of at most 30 s at
-    its pauses and decodes up to `batch_size` of them side by side; `batch_size=1`
-    decodes the speech joined, in order, each window prompted with the text before it."""
+    With `vad_filter`, `batch_size` > 1 cuts the speech at long pauses into up to
+    `batch_size` sections decoded side by side, each with its own previous text;
+    `batch_size=1` decodes the speech joined, in order, each window prompted with the
+    text before it."""
     report = None if progress is None else (lambda _i, frames, total: progress(frames, total))
     ((_, result),) = transcribe_batch(model, [audio], options, batch_size=batch_size, progress=report, **overrides)
     return result
@@ -291,14 +292,14 @@ def transcribe_batch(model, audios: Iterable[np.ndarray], options: TranscribeOpt
 def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions, batch_size: int,
                       progress) -> Iterator[tuple[int, dict]]:
     """Each audio's clips, narrowed to speech by the VAD, decoded as audios of their own:
-    with the VAD and `batch_size` > 1, chunks of at most 30 s cut at pauses, side by side
-    (with timestamps, so a chunk is read to its end as any audio is); otherwise the parts
-    joined into one audio, decoded in order with the text before each window as its
-    prompt. Yields (index, result) with times on each audio's own timeline."""
+    with the VAD and `batch_size` > 1, up to `batch_size` sections cut at long pauses
+    (spans.speech_sections), side by side, each read as long-form audio with its own
+    previous text; otherwise the parts joined into one audio, decoded in order. Yields
+    (index, result) with times on each audio's own timeline."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, found {batch_size}")
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
-    chunked = o.vad_filter and batch_size > 1
+    sectioned = o.vad_filter and batch_size > 1
     vad = o.vad_options or VadOptions()
     clips = parse_clip_timestamps(o.clip_timestamps)
     plain = replace(o, vad_filter=False, vad_options=None, clip_timestamps="0")
@@ -308,7 +309,7 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions,
     def parts():
         for index, audio in enumerate(audios):
             spans = clip_spans(clips, audio.size, rate)
-            if chunked:
+            if sectioned:
                 lines = speech_sections(audio, spans, vad, rate, batch_size)
             else:
                 lines = [Timeline(tuple(speech_spans(audio, spans, vad) if o.vad_filter else spans), rate)]
@@ -325,7 +326,7 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions,
         if len(done[index]) == len(timelines[index]):
             got = done.pop(index)
             results = [got[j] for j in range(len(timelines.pop(index)))]
-            yield index, merged(results, o.language) if chunked else results[0]
+            yield index, merged(results, o.language) if sectioned else results[0]
 
 
 def _detect_languages(model, streams: list[_Stream], tok, task: str) -> None:
