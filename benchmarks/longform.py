@@ -14,7 +14,8 @@ clip first (warm-up), then the recording once; the load is not in the time.
 
 `--rss-hours` transcribes an hour of generated audio (silence with low noise, one
 utterance a minute) with the VAD and batching in a new process and reports its peak
-resident memory, and the memory held after the model loaded, for comparison.
+resident memory, and the peak before it began (model loaded, samples in memory; then
+the VAD loaded too).
 """
 
 from __future__ import annotations
@@ -153,11 +154,15 @@ sys.path.insert(0, {root!r})
 from benchmarks.longform import hour_audio
 import maxwhisper
 m = maxwhisper.load_model({model!r}, device="cpu")
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 audio = hour_audio({hours!r})
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from maxwhisper.vad import detector
+detector()
+vad = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 out = m.transcribe(audio, vad_filter=True, batch_size={batch!r}, language="en")
 print(json.dumps(dict(seconds=time.perf_counter() - t, audio_s=audio.size / 16000, loaded_mib=loaded / 1024,
+                      vad_loaded_mib=vad / 1024,
                       peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       audio_mib=audio.nbytes / 2 ** 20, segments=len(out["segments"]))))
 """
@@ -169,7 +174,8 @@ def hour_audio(hours: float) -> np.ndarray:
 
     clips = [load_audio(p) for p in sorted(SPEECH.glob("*.wav"))]
     n = int(hours * 3600 * RATE)
-    audio = (np.random.default_rng(1).standard_normal(n) * 10 ** (-60 / 20)).astype(np.float32)
+    audio = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    audio *= 10 ** (-60 / 20)
     for k, at in enumerate(range(20 * RATE, n - 15 * RATE, 60 * RATE)):
         clip = clips[k % len(clips)]
         audio[at: at + clip.size] += clip
@@ -196,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_hours:
         report = rss(args.model, args.rss_hours, args.batch_size)
         print(f"{args.model}, {report['audio_s'] / 3600:.1f} h, VAD, batch {args.batch_size}: peak RSS "
-              f"{report['peak_mib']:.0f} MiB (after loading the model {report['loaded_mib']:.0f} MiB; the samples "
-              f"{report['audio_mib']:.0f} MiB), {report['seconds']:.0f} s, {report['segments']} segments")
+              f"{report['peak_mib']:.0f} MiB (before transcribing, with the model loaded and the samples "
+              f"({report['audio_mib']:.0f} MiB) in memory: {report['loaded_mib']:.0f} MiB; with the VAD loaded too: "
+              f"{report['vad_loaded_mib']:.0f} MiB), "
+              f"{report['seconds']:.0f} s, {report['segments']} segments")
     else:
         report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads)
         print(table(report))

@@ -23,8 +23,8 @@ SAMPLE_RATE = 16000
 WINDOW = 512
 CONTEXT = 64
 WEIGHTS = Path(__file__).resolve().parent / "assets" / "silero_vad_v6.safetensors"
-# Windows per graph call: memory stays at a few tens of MB however long the audio.
-BLOCK = 4096
+# Windows per graph call: the memory a call takes stays small however long the audio.
+BLOCK = 1024
 _HOP, _N_FFT, _PAD = 128, 256, 128  # the STFT's hop and frame; the input is reflected by _PAD
 _CONVS = (("conv1", 1), ("conv2", 2), ("conv3", 2), ("conv4", 1))  # kernel 3, padding 1
 _HIDDEN = 128
@@ -138,9 +138,6 @@ class SileroVad:
 
         audio = np.asarray(audio, np.float32).reshape(-1)
         n = -(-audio.size // WINDOW)
-        # CONTEXT zeros before the first window; each window reads the 64 samples before it.
-        padded = np.zeros(CONTEXT + n * WINDOW, np.float32)
-        padded[CONTEXT: CONTEXT + audio.size] = audio
         w = self.weights
         w_hh, head = w["lstm_cell.weight_hh"].T.copy(), w["final_conv.weight"].reshape(-1)
         h = np.zeros(_HIDDEN, np.float32)
@@ -148,7 +145,13 @@ class SileroVad:
         probs = np.empty(n, np.float32)
         for first in range(0, n, BLOCK):
             count = min(BLOCK, n - first)
-            rows = padded[(first + np.arange(count))[:, None] * WINDOW + self._reflect[None, :]]
+            # The block's samples with the 64 before it (zeros before the first window, and
+            # after the last sample), copied a block at a time, never the whole audio.
+            lo = first * WINDOW - CONTEXT
+            block = np.zeros(CONTEXT + count * WINDOW, np.float32)
+            src = audio[max(lo, 0): (first + count) * WINDOW]
+            block[max(lo, 0) - lo: max(lo, 0) - lo + src.size] = src
+            rows = block[np.arange(count)[:, None] * WINDOW + self._reflect[None, :]]
             gates_in = self._front.execute(Buffer.from_numpy(np.ascontiguousarray(rows)))[0].to_numpy()
             hidden = np.empty((count, _HIDDEN), np.float32)
             for t in range(count):

@@ -154,3 +154,24 @@ def test_the_cli_transcribes_the_speech_with_vad(tiny_en, conversation, tmp_path
     four = " ".join(CLIPS[str(SPEECH_DIR / f"{n}.wav")] for n in ["01", "02", "03", "04"])
     assert wer(four, result["text"]) <= 0.05, result["text"]
     assert result["segments"][-1]["end"] > spans[3][0]
+
+
+def test_the_long_form_benchmark_builds_its_recording_and_table():
+    from benchmarks import longform
+
+    audio, text = longform.recording(1.0)
+    assert audio.size >= 60 * RATE
+    names = sorted(CLIPS)
+    assert text.startswith(" ".join(CLIPS[n] for n in names))
+    # Each clip is in the recording as it is, after a pause of 0.6-3 s of zeros.
+    first = load_audio(names[0])
+    start = int(np.flatnonzero(audio)[0])
+    assert 0 < start <= RATE and np.array_equal(audio[start: start + 1000], first[np.flatnonzero(first)[0]:][:1000])
+    rows = [longform.Row("maxwhisper batched (VAD, batch 8)", "float32", 10.0, 0.02),
+            longform.Row("faster-whisper BatchedInferencePipeline (batch 8)", "float32", 5.0, 0.05),
+            longform.Row("faster-whisper sequential", "q4_0 / int8", skipped="not installed")]
+    report = dict(model="tiny.en", audio_s=300.0, words=500, batch=8, beam=5, threads=2, date="d",
+                  machine="2 CPU cores", versions={"max": "26.7"}, rows=[r.__dict__ for r in rows])
+    table = longform.table(report)
+    assert "| float32 | faster-whisper BatchedInferencePipeline (batch 8) | 5.0 | 60.0 | 5.0% | 0.50 |" in table
+    assert "| q4_0 / int8 | faster-whisper sequential | - | - | - | could not run: not installed |" in table
