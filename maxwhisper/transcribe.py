@@ -305,9 +305,13 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions,
     plain = replace(o, vad_filter=False, vad_options=None, clip_timestamps="0")
     timelines: dict[int, list[Timeline]] = {}
     owner: list[tuple[int, int]] = []  # part -> (audio, its position among the audio's parts)
+    # Progress counts the audio's own frames: each part's share, the skipped rest at its end.
+    frames_of: dict[int, int] = {}
+    reported: dict[int, int] = {}
 
     def parts():
         for index, audio in enumerate(audios):
+            frames_of[index], reported[index] = audio.size // hop, 0
             spans = clip_spans(clips, audio.size, rate)
             if sectioned:
                 lines = speech_sections(audio, spans, vad, rate, batch_size)
@@ -318,14 +322,21 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions,
                 owner.append((index, k))
                 yield line.join(audio)
 
-    report = None if progress is None else (lambda part, frames, total: progress(owner[part][0], frames, total))
+    def report(index: int, frames: int) -> None:
+        frames = min(frames, frames_of[index] - reported[index])
+        reported[index] += frames
+        if progress is not None and frames > 0:
+            progress(index, frames, frames_of[index])
+
     done: dict[int, dict[int, dict]] = {}
-    for part, result in transcribe_batch(model, parts(), plain, batch_size=batch_size, progress=report):
+    for part, result in transcribe_batch(model, parts(), plain, batch_size=batch_size,
+                                         progress=lambda part, frames, _total: report(owner[part][0], frames)):
         index, k = owner[part]
         done.setdefault(index, {})[k] = timelines[index][k].restore(result, hop)
         if len(done[index]) == len(timelines[index]):
             got = done.pop(index)
             results = [got[j] for j in range(len(timelines.pop(index)))]
+            report(index, frames_of[index])
             yield index, merged(results, o.language) if sectioned else results[0]
 
 

@@ -175,3 +175,14 @@ def test_the_long_form_benchmark_builds_its_recording_and_table():
     table = longform.table(report)
     assert "| float32 | faster-whisper BatchedInferencePipeline (batch 8) | 5.0 | 60.0 | 5.0% | 0.50 |" in table
     assert "| q4_0 / int8 | faster-whisper sequential | - | - | - | could not run: not installed |" in table
+
+
+def test_progress_with_vad_counts_the_whole_audio(tiny_en, long_silence):
+    from maxwhisper.transcribe import transcribe
+
+    audio, _, _ = long_silence  # the first utterance at 40 s
+    seen = []
+    transcribe(tiny_en, audio[: 120 * RATE], vad_filter=True, batch_size=4,
+               progress=lambda frames, total: seen.append((frames, total)))
+    assert seen and all(total == 120 * RATE // 160 for _, total in seen)
+    assert sum(frames for frames, _ in seen) == 120 * RATE // 160
