@@ -105,6 +105,12 @@ def front_graph(shapes: dict[str, tuple[int, ...]], module):
     return g
 
 
+def front_shapes(weights: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The weights the graph binds (all but the recurrent matrix and the head), by shape."""
+    return {k: v.shape for k, v in weights.items()
+            if k.startswith(("stft", "conv", "lstm_cell.weight_ih", "lstm_cell.bias"))}
+
+
 class SileroVad:
     """The network, compiled once (on the CPU: it is small and runs once per file)."""
 
@@ -119,8 +125,7 @@ class SileroVad:
         from .runtime import _BUILD_LOCK
 
         self.weights = {k: np.ascontiguousarray(v, np.float32) for k, v in load_file(str(weights)).items()}
-        front = {k: v.shape for k, v in self.weights.items() if k.startswith(("stft", "conv", "lstm_cell.weight_ih",
-                                                                             "lstm_cell.bias"))}
+        front = front_shapes(self.weights)
         device = CPU()
         session = InferenceSession(devices=[device])
         with _BUILD_LOCK, ensure_default_mlir_context():

@@ -188,3 +188,24 @@ def test_speech_is_cut_into_sections_at_the_longest_pause_near_each_share():
     # Speech without pauses is cut where the share ends.
     plain = _sections([(0, 90 * r)], [], r, sections=3, chunk_s=30.0)
     assert [line.spans for line in plain] == [((0, 30 * r),), ((30 * r, 60 * r),), ((60 * r, 90 * r),)]
+
+
+def test_the_shipped_prebuilt_vad_graph_is_the_one_built_now():
+    """A change to the graph must come with its prebuilt file rebuilt (else every fresh
+    machine compiles it, minutes on 2 cores)."""
+    import json
+
+    from max._mlir_context import ensure_default_mlir_context
+    from max.graph import Module
+    from safetensors.numpy import load_file
+
+    from maxwhisper.compiled import PREBUILT, module_hash
+    from maxwhisper.vad import WEIGHTS, front_graph, front_shapes
+
+    shapes = front_shapes(load_file(str(WEIGHTS)))
+    with ensure_default_mlir_context():
+        module = Module()
+        front_graph(shapes, module)
+        built = module_hash(module)
+    assert json.loads((PREBUILT / "silero-vad-v6-cpu.json").read_text())["module"] == built
+    assert (PREBUILT / "silero-vad-v6-cpu.mef").stat().st_size > 0
