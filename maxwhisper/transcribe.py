@@ -303,6 +303,7 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray], o: TranscribeOptions,
     vad = o.vad_options or VadOptions()
     clips = parse_clip_timestamps(o.clip_timestamps)
     plain = replace(o, vad_filter=False, vad_options=None, clip_timestamps="0")
+    next(transcribe_batch(model, [], plain, batch_size=batch_size), None)  # options checked before the VAD runs
     timelines: dict[int, list[Timeline]] = {}
     owner: list[tuple[int, int]] = []  # part -> (audio, its position among the audio's parts)
     # Progress counts the audio's own frames: each part's share, the skipped rest at its end.

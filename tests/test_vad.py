@@ -209,3 +209,13 @@ def test_the_shipped_prebuilt_vad_graph_is_the_one_built_now():
         built = module_hash(module)
     assert json.loads((PREBUILT / "silero-vad-v6-cpu.json").read_text())["module"] == built
     assert (PREBUILT / "silero-vad-v6-cpu.mef").stat().st_size > 0
+
+
+def test_decoding_options_are_checked_before_the_vad_runs(tiny_en, monkeypatch):
+    import maxwhisper.spans
+
+    monkeypatch.setattr(maxwhisper.spans, "detector", lambda: pytest.fail("the VAD ran before the options were checked"))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        tiny_en.transcribe(np.zeros(RATE, np.float32), vad_filter=True, batch_size=0)
+    with pytest.raises(ValueError, match="word_timestamps"):
+        tiny_en.transcribe(np.zeros(RATE, np.float32), vad_filter=True, word_timestamps=True, task="translate")
