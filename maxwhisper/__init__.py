@@ -2,6 +2,7 @@
 
 from .model import Whisper, load_model
 from .transcribe import TranscribeOptions
+from .vad import VadOptions
 from .spec import ModelSpec, SpecError, load_spec
 
-__all__ = ["ModelSpec", "SpecError", "TranscribeOptions", "Whisper", "load_model", "load_spec"]
+__all__ = ["ModelSpec", "SpecError", "TranscribeOptions", "VadOptions", "Whisper", "load_model", "load_spec"]

@@ -293,6 +293,12 @@ class Spectrogram:
     def duration(self) -> float:
         return self.n_samples / self.spec.sample_rate
 
+    def audio(self) -> np.ndarray:
+        """All the samples, in memory."""
+        if isinstance(self._source, np.ndarray):
+            return self._source
+        return np.concatenate([np.zeros(0, np.float32), *self._blocks()])
+
     def _at(self, seek: int) -> _Reader:
         """The second pass's reader, moved on to `seek`: what lies before it is forgotten."""
         if self._reader is None or self._reader_start > seek:

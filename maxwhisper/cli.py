@@ -11,6 +11,7 @@ from .registry import DEFAULT_MODEL
 from .precision import PRECISIONS
 from .spec import SpecError, load_spec
 from .transcribe import TranscribeOptions
+from .vad import VadOptions
 from .weights import WeightsError
 from .writers import FORMATS
 
@@ -58,6 +59,16 @@ def _transcribe(args) -> int:
     options = _options(args)  # options and the output directory are checked before the model loads
     check_output_dir(args.output_dir)
 
+    options = TranscribeOptions(
+        language=args.language, task=args.task, temperature=tuple(args.temperature),
+        beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of),
+        patience=args.patience, length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
+        condition_on_previous_text=args.condition_on_previous_text,
+        compression_ratio_threshold=args.compression_ratio_threshold,
+        logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
+        without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
+        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
+        vad_filter=args.vad, vad_options=_vad_options(args), clip_timestamps=args.clip_timestamps)
     # Compiled once for every input.
     model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
@@ -133,6 +144,34 @@ def _batch(args) -> int:
     return 2 if tally.failed else 0
 
 
+def _vad_options(args) -> VadOptions:
+    return VadOptions(threshold=args.vad_threshold, neg_threshold=args.vad_neg_threshold,
+                      min_speech_duration_ms=args.vad_min_speech_duration_ms,
+                      max_speech_duration_s=args.vad_max_speech_duration_s,
+                      min_silence_duration_ms=args.vad_min_silence_duration_ms, speech_pad_ms=args.vad_speech_pad_ms)
+
+
+def _vad_arguments(p: argparse.ArgumentParser) -> None:
+    v = VadOptions()
+    p.add_argument("--vad", action="store_true",
+                   help="transcribe only the speech that the voice activity detector (Silero VAD) finds; "
+                        "with --batch-size above 1 the speech is cut at long pauses into sections decoded side by side")
+    p.add_argument("--vad-threshold", type=float, default=v.threshold,
+                   help="speech probability at which speech starts (default %(default)s)")
+    p.add_argument("--vad-neg-threshold", type=float, default=v.neg_threshold,
+                   help="probability below which speech may end (default: threshold - 0.15)")
+    p.add_argument("--vad-min-speech-duration-ms", type=int, default=v.min_speech_duration_ms,
+                   help="drop speech shorter than this (default %(default)s)")
+    p.add_argument("--vad-max-speech-duration-s", type=float, default=v.max_speech_duration_s,
+                   help="split speech longer than this at a pause (default: no limit)")
+    p.add_argument("--vad-min-silence-duration-ms", type=int, default=v.min_silence_duration_ms,
+                   help="silence that ends speech (default %(default)s)")
+    p.add_argument("--vad-speech-pad-ms", type=int, default=v.speech_pad_ms,
+                   help="widen each speech span by this on both sides (default %(default)s)")
+    p.add_argument("--clip-timestamps", default=TranscribeOptions().clip_timestamps,
+                   help="transcribe only these spans: 'start,end,start,end,...' seconds (default: all)")
+
+
 def _warmup(args) -> None:
     from .model import load_model
 
@@ -183,6 +222,7 @@ def _decoding_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --word-timestamps, merge these symbols into the next word")
     p.add_argument("--append-punctuations", default=d.append_punctuations,
                    help="with --word-timestamps, merge these symbols into the previous word")
+    _vad_arguments(p)
 
 
 def _options(args) -> TranscribeOptions:
@@ -197,7 +237,8 @@ def _options(args) -> TranscribeOptions:
         compression_ratio_threshold=args.compression_ratio_threshold,
         logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
         without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
-        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations)
+        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
+        vad_filter=args.vad, vad_options=_vad_options(args), clip_timestamps=args.clip_timestamps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file format to write; 'all' writes every one (default txt)")
     tr.add_argument("--output-dir", "-o", default=".", help="where to write <audio stem>.<format>")
     tr.add_argument("--batch-size", type=int, default=8,
-                    help="audio files decoded together, one window each per step (default 8)")
+                    help="audio files (with --vad: speech sections) decoded together, one window each per step "
+                         "(default 8)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
     tr.set_defaults(func=_transcribe)
 

@@ -48,11 +48,13 @@ class Whisper:
         return self.spec.vocab.multilingual
 
     def transcribe(self, audio: str | Path | np.ndarray, options: TranscribeOptions | None = None,
-                   **overrides) -> dict:
+                   batch_size: int = 1, **overrides) -> dict:
         """`audio`: a file path, or mono float32 samples at 16 kHz. Options as
         openai-whisper's `transcribe()` (language, task, temperature, ...): a
-        `TranscribeOptions`, keyword overrides of its fields, or both."""
-        return transcribe(self, self._samples(audio), options, **overrides)
+        `TranscribeOptions`, keyword overrides of its fields, or both. With
+        `vad_filter=True`, `batch_size` > 1 decodes the speech as up to `batch_size`
+        sections side by side, cut at long pauses."""
+        return transcribe(self, self._samples(audio), options, batch_size=batch_size, **overrides)
 
     def transcribe_many(self, audios, options: TranscribeOptions | None = None, batch_size: int = 8,
                         **overrides) -> list[dict]:

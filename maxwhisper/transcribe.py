@@ -12,7 +12,9 @@ import numpy as np
 
 from .audio import Spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
+from .spans import Timeline, clip_spans, merged, parse_clip_timestamps, speech_sections, speech_spans
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
+from .vad import VadOptions
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -131,13 +133,18 @@ class _Stream:
         return out
 
 
-def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = None, *, progress=None,
-               **overrides) -> dict:
+def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = None, *, batch_size: int = 1,
+               progress=None, **overrides) -> dict:
     """`model` is a `maxwhisper.model.Whisper`; `audio` mono float32 at the model's rate.
     Returns openai-whisper's keys: text, segments (with `words` when `word_timestamps`),
-    language. Options as `transcribe_batch`; `progress(frames, total_frames)`."""
+    language. Options as `transcribe_batch`; `progress(frames, total_frames)`.
+
+    With `vad_filter`, `batch_size` > 1 cuts the speech at long pauses into up to
+    `batch_size` sections decoded side by side, each with its own previous text;
+    `batch_size=1` decodes the speech joined, in order, each window prompted with the
+    text before it."""
     report = None if progress is None else (lambda _i, frames, total: progress(frames, total))
-    ((_, result),) = transcribe_batch(model, [audio], options, progress=report, **overrides)
+    ((_, result),) = transcribe_batch(model, [audio], options, batch_size=batch_size, progress=report, **overrides)
     return result
 
 
@@ -146,7 +153,11 @@ class TranscribeOptions:
     """`transcribe`'s options, with openai-whisper's defaults; the CLI reads them too.
     `beam_size` applies at temperature 0, `best_of` above it. `initial_prompt`: text, or
     token ids (as faster-whisper takes it). `silence_threshold_db`: a window whose
-    loudest sample is below this level (dBFS) is skipped unheard."""
+    loudest sample is below this level (dBFS) is skipped unheard.
+    `vad_filter`: transcribe only the speech that the VAD finds (`vad_options`, default
+    `VadOptions()`). `clip_timestamps`: openai-whisper's, the spans to transcribe,
+    "start,end,start,end,..." seconds or a sequence of them ("0": all of it). Times in
+    the result stay on the audio's own timeline either way."""
     language: str | None = None
     task: str = "transcribe"
     temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES
@@ -166,8 +177,25 @@ class TranscribeOptions:
     prepend_punctuations: str = PREPEND_PUNCTUATIONS
     append_punctuations: str = APPEND_PUNCTUATIONS
     silence_threshold_db: float | None = -60.0
+    vad_filter: bool = False
+    vad_options: VadOptions | None = None
+    clip_timestamps: str | tuple[float, ...] = "0"
+
+
+    @property
+    def whole_audio(self) -> bool:
+        """Whether every sample is transcribed: no VAD, no clips."""
+        return not self.vad_filter and parse_clip_timestamps(self.clip_timestamps) == (0.0,)
 
     def __post_init__(self):
+        if not isinstance(self.vad_filter, bool):
+            raise ValueError(f"vad_filter must be True or False, found {self.vad_filter!r}")
+        if isinstance(self.vad_options, dict):  # as faster-whisper takes them
+            object.__setattr__(self, "vad_options", VadOptions(**self.vad_options))
+        if self.vad_options is not None and not isinstance(self.vad_options, VadOptions):
+            raise ValueError(f"vad_options must be a maxwhisper.vad.VadOptions or a dict of its fields, "
+                             f"found {type(self.vad_options).__name__}")
+        parse_clip_timestamps(self.clip_timestamps)
         number, flag, text = (int, float), (bool,), (str,)
         kinds = dict(language=text, task=text, beam_size=(int,), best_of=(int,), patience=number,
                      length_penalty=number, compression_ratio_threshold=number, logprob_threshold=number,
@@ -226,8 +254,14 @@ def transcribe_batch(model, audios: Iterable[np.ndarray | Spectrogram], options:
     gate (`silence_threshold_db`) is there because openai-whisper's no-speech rule alone
     lets a confident hallucination through (tiny.en says " you" to 20 s of digital
     zeros, no-speech probability 0.94); audio this quiet holds no speech to transcribe.
-    `progress(index, frames, total_frames)`."""
+    `progress(index, frames, total_frames)`.
+
+    With `vad_filter` or `clip_timestamps`, each audio's parts are decoded instead
+    (`_transcribe_parts`), their times mapped back onto the audio's timeline."""
     o = TranscribeOptions.of(options, **overrides)
+    if not o.whole_audio:
+        yield from _transcribe_parts(model, audios, o, batch_size, progress)
+        return
     language, task, temperature, beam_size, best_of = o.language, o.task, o.temperature, o.beam_size, o.best_of
     patience, length_penalty, initial_prompt = o.patience, o.length_penalty, o.initial_prompt
     suppress_tokens, suppress_blank, without_timestamps = o.suppress_tokens, o.suppress_blank, o.without_timestamps
@@ -295,6 +329,60 @@ def transcribe_batch(model, audios: Iterable[np.ndarray | Spectrogram], options:
             for k, (r, result) in enumerate(zip(rows, results)):
                 index, stream, frames, _ = heard[r]
                 advance(index, stream, result, runtime.select_pair(cross, [k]) if word_timestamps else None, frames)
+
+
+def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: TranscribeOptions, batch_size: int,
+                      progress) -> Iterator[tuple[int, dict]]:
+    """Each audio's clips, narrowed to speech by the VAD, decoded as audios of their own:
+    with the VAD and `batch_size` > 1, up to `batch_size` sections cut at long pauses
+    (spans.speech_sections), side by side, each read as long-form audio with its own
+    previous text; otherwise the parts joined into one audio, decoded in order. Yields
+    (index, result) with times on each audio's own timeline."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+    rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
+    sectioned = o.vad_filter and batch_size > 1
+    vad = o.vad_options or VadOptions()
+    clips = parse_clip_timestamps(o.clip_timestamps)
+    plain = replace(o, vad_filter=False, vad_options=None, clip_timestamps="0")
+    next(transcribe_batch(model, [], plain, batch_size=batch_size), None)  # options checked before the VAD runs
+    timelines: dict[int, list[Timeline]] = {}
+    owner: list[tuple[int, int]] = []  # part -> (audio, its position among the audio's parts)
+    # Progress counts the audio's own frames: each part's share, the skipped rest at its end.
+    frames_of: dict[int, int] = {}
+    reported: dict[int, int] = {}
+
+    def parts():
+        for index, audio in enumerate(audios):
+            if isinstance(audio, Spectrogram):  # the VAD reads the whole audio at once
+                audio = audio.audio()
+            frames_of[index], reported[index] = audio.size // hop, 0
+            spans = clip_spans(clips, audio.size, rate)
+            if sectioned:
+                lines = speech_sections(audio, spans, vad, rate, batch_size)
+            else:
+                lines = [Timeline(tuple(speech_spans(audio, spans, vad) if o.vad_filter else spans), rate)]
+            timelines[index] = lines or [Timeline((), rate)]  # no speech: an empty part, no words
+            for k, line in enumerate(timelines[index]):
+                owner.append((index, k))
+                yield line.join(audio)
+
+    def report(index: int, frames: int) -> None:
+        frames = min(frames, frames_of[index] - reported[index])
+        reported[index] += frames
+        if progress is not None and frames > 0:
+            progress(index, frames, frames_of[index])
+
+    done: dict[int, dict[int, dict]] = {}
+    for part, result in transcribe_batch(model, parts(), plain, batch_size=batch_size,
+                                         progress=lambda part, frames, _total: report(owner[part][0], frames)):
+        index, k = owner[part]
+        done.setdefault(index, {})[k] = timelines[index][k].restore(result, hop)
+        if len(done[index]) == len(timelines[index]):
+            got = done.pop(index)
+            results = [got[j] for j in range(len(timelines.pop(index)))]
+            report(index, frames_of[index])
+            yield index, merged(results, o.language) if sectioned else results[0]
 
 
 def _detect_languages(model, streams: list[_Stream], tok, task: str) -> None:

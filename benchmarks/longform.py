@@ -1,0 +1,218 @@
+"""Long-form benchmark: one recording of several minutes, sequential and batched (VAD),
+maxwhisper against faster-whisper (sequential, and its `BatchedInferencePipeline`) on
+the same CTranslate2 weights and threads, time and word error rate, in one run.
+
+    python -m benchmarks.longform --minutes 5 --batch-size 8
+    python -m benchmarks.longform --rss-hours 1      # peak memory of an hour, VAD + batching
+
+The recording is the committed clips (tests/data/speech) in turn, with pauses of 0.6 to
+3 s between them, so its text is known. Every system decodes at temperature 0 with
+--beam-size beams, timestamps on (faster-whisper's batched pipeline decodes without
+them, as it does by default), language English. Precision classes: float32 against
+float32, and our q4_0 against faster-whisper's int8. Each system transcribes a 30 s
+clip first (warm-up), then the recording once; the load is not in the time.
+
+`--rss-hours` transcribes an hour of generated audio (silence with low noise, one
+utterance a minute) with the VAD and batching in a new process and reports its peak
+resident memory, and the peak before it began (model loaded, samples in memory; then
+the VAD loaded too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEECH = ROOT / "tests" / "data" / "speech"
+RATE = 16000
+
+
+def recording(minutes: float) -> tuple[np.ndarray, str]:
+    """The committed clips in turn with pauses of 0.6-3 s, at least `minutes` long."""
+    from maxwhisper.audio import load_audio
+
+    texts = dict(line.split("\t", 1) for line in (SPEECH / "transcripts.tsv").read_text().splitlines())
+    clips = [(load_audio(SPEECH / f"{name}.wav"), text) for name, text in sorted(texts.items())]
+    rng = np.random.default_rng(0)
+    parts, words = [np.zeros(RATE // 2, np.float32)], []
+    while sum(p.size for p in parts) < minutes * 60 * RATE:
+        for audio, text in clips:
+            parts += [audio, np.zeros(int(rng.uniform(0.6, 3.0) * RATE), np.float32)]
+            words.append(text)
+    return np.concatenate(parts), " ".join(words)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+    from whisper.normalizers import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    return jiwer.wer(norm(reference), norm(hypothesis))
+
+
+@dataclass
+class Row:
+    system: str
+    cls: str  # precision class
+    seconds: float | None = None
+    wer: float | None = None
+    skipped: str | None = None
+
+
+def _ours(model: str, precision: str, batch: int | None, beam: int | None):
+    import maxwhisper
+
+    m = maxwhisper.load_model(model, device="cpu", precision=precision)
+    kw = dict(temperature=0.0, beam_size=beam, language="en")
+    if batch:
+        return lambda audio: m.transcribe(audio, vad_filter=True, batch_size=batch, **kw)["text"]
+    return lambda audio: m.transcribe(audio, **kw)["text"]
+
+
+def _faster_whisper(model: str, compute_type: str, batch: int | None, beam: int, threads: int):
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    from maxwhisper.registry import ctranslate2_dir
+
+    m = WhisperModel(str(ctranslate2_dir(model)), device="cpu", compute_type=compute_type, cpu_threads=threads)
+    kw = dict(beam_size=beam, temperature=0.0, language="en")
+    if batch:
+        pipeline = BatchedInferencePipeline(model=m)
+        return lambda audio: "".join(s.text for s in pipeline.transcribe(audio, batch_size=batch, **kw)[0])
+    return lambda audio: "".join(s.text for s in m.transcribe(audio, vad_filter=False, **kw)[0])
+
+
+def run(model: str, minutes: float, batch: int, beam: int, threads: int) -> dict:
+    audio, text = recording(minutes)
+    warm = audio[: 30 * RATE]
+    beam_ours = beam if beam > 1 else None
+    systems = [
+        ("maxwhisper sequential", "float32", lambda: _ours(model, "float32", None, beam_ours)),
+        (f"maxwhisper batched (VAD, batch {batch})", "float32", lambda: _ours(model, "float32", batch, beam_ours)),
+        ("faster-whisper sequential", "float32", lambda: _faster_whisper(model, "float32", None, beam, threads)),
+        (f"faster-whisper BatchedInferencePipeline (batch {batch})", "float32",
+         lambda: _faster_whisper(model, "float32", batch, beam, threads)),
+        ("maxwhisper sequential", "q4_0 / int8", lambda: _ours(model, "q4_0", None, beam_ours)),
+        (f"maxwhisper batched (VAD, batch {batch})", "q4_0 / int8", lambda: _ours(model, "q4_0", batch, beam_ours)),
+        ("faster-whisper sequential", "q4_0 / int8", lambda: _faster_whisper(model, "int8", None, beam, threads)),
+        (f"faster-whisper BatchedInferencePipeline (batch {batch})", "q4_0 / int8",
+         lambda: _faster_whisper(model, "int8", batch, beam, threads)),
+    ]
+    rows = []
+    for system, cls, make in systems:
+        try:
+            go = make()
+            go(warm)
+            t = time.perf_counter()
+            out = go(audio)
+            rows.append(Row(system, cls, time.perf_counter() - t, wer(text, out)))
+        except Exception as e:  # a peer that fails must not sink the others' figures
+            rows.append(Row(system, cls, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        print(f"{system} [{cls}]: {rows[-1]}", file=sys.stderr, flush=True)
+    from importlib.metadata import version
+
+    return dict(model=model, audio_s=audio.size / RATE, words=len(text.split()), batch=batch, beam=beam,
+                threads=threads, date=str(date.today()), machine=f"{os.cpu_count()} CPU cores",
+                versions={p: version(p) for p in ("max", "faster-whisper", "ctranslate2")},
+                rows=[r.__dict__ for r in rows])
+
+
+def table(report: dict) -> str:
+    head = (f"{report['model']}, {report['audio_s'] / 60:.1f} min recording ({report['words']} words), "
+            f"beam {report['beam']}, batch {report['batch']}, faster-whisper on {report['threads']} threads; "
+            f"{report['machine']}; {report['date']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    lines = [head, "", "| class | system | time (s) | x real time | WER | time / our batched time |",
+             "|---|---|---|---|---|---|"]
+    for cls in dict.fromkeys(r["cls"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["cls"] == cls]
+        ours = next((r["seconds"] for r in rows if r["system"].startswith("maxwhisper batched") and r["seconds"]),
+                    None)
+        for r in rows:
+            if r["skipped"]:
+                lines.append(f"| {cls} | {r['system']} | - | - | - | could not run: {r['skipped']} |")
+                continue
+            ratio = f"{r['seconds'] / ours:.2f}" if ours else "-"
+            lines.append(f"| {cls} | {r['system']} | {r['seconds']:.1f} | {report['audio_s'] / r['seconds']:.1f} | "
+                         f"{r['wer']:.1%} | {ratio} |")
+    return "\n".join(lines)
+
+
+RSS_CHILD = """
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+from benchmarks.longform import hour_audio
+import maxwhisper
+m = maxwhisper.load_model({model!r}, device="cpu")
+audio = hour_audio({hours!r})
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from maxwhisper.vad import detector
+detector()
+vad = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+out = m.transcribe(audio, vad_filter=True, batch_size={batch!r}, language="en")
+print(json.dumps(dict(seconds=time.perf_counter() - t, audio_s=audio.size / 16000, loaded_mib=loaded / 1024,
+                      vad_loaded_mib=vad / 1024,
+                      peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      audio_mib=audio.nbytes / 2 ** 20, segments=len(out["segments"]))))
+"""
+
+
+def hour_audio(hours: float) -> np.ndarray:
+    """Silence with noise at -60 dBFS and one committed clip a minute."""
+    from maxwhisper.audio import load_audio
+
+    clips = [load_audio(p) for p in sorted(SPEECH.glob("*.wav"))]
+    n = int(hours * 3600 * RATE)
+    audio = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    audio *= 10 ** (-60 / 20)
+    for k, at in enumerate(range(20 * RATE, n - 15 * RATE, 60 * RATE)):
+        clip = clips[k % len(clips)]
+        audio[at: at + clip.size] += clip
+    return audio
+
+
+def rss(model: str, hours: float, batch: int) -> dict:
+    code = RSS_CHILD.format(root=str(ROOT), model=model, hours=hours, batch=batch)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="faster-whisper's threads (default: all)")
+    p.add_argument("--rss-hours", type=float, default=None,
+                   help="instead: peak resident memory of this many hours with the VAD and batching")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    args = p.parse_args(argv)
+    if args.rss_hours:
+        report = rss(args.model, args.rss_hours, args.batch_size)
+        print(f"{args.model}, {report['audio_s'] / 3600:.1f} h, VAD, batch {args.batch_size}: peak RSS "
+              f"{report['peak_mib']:.0f} MiB (before transcribing, with the model loaded and the samples "
+              f"({report['audio_mib']:.0f} MiB) in memory: {report['loaded_mib']:.0f} MiB; with the VAD loaded too: "
+              f"{report['vad_loaded_mib']:.0f} MiB), "
+              f"{report['seconds']:.0f} s, {report['segments']} segments")
+    else:
+        report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads)
+        print(table(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # python -m benchmarks.longform, from the repository root
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The parts of an audio that are transcribed: the spans that `clip_timestamps` names,
+narrowed to speech by the VAD; joined into one audio (decoded in order, each window
+prompted with the text before it) or cut at long pauses into sections (decoded side by
+side, each with its own previous text); and the times of what was decoded mapped back
+onto the original timeline."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .vad import WINDOW, VadOptions, detector, speech_timestamps
+
+CHUNK_S = 30.0  # one Whisper window
+
+
+def parse_clip_timestamps(clips) -> tuple[float, ...]:
+    """openai-whisper's `clip_timestamps`: "start,end,start,end,..." seconds (a last end
+    left out runs to the end of the audio), or a sequence of numbers. Refused with a
+    message naming the option when a value does not parse, is negative, or runs
+    backwards."""
+    if isinstance(clips, str):
+        parts = [p.strip() for p in clips.split(",")] if clips.strip() else []
+        try:
+            values = tuple(float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"clip_timestamps must be seconds as 'start,end,start,end,...', found {clips!r}") from None
+    else:
+        try:
+            values = tuple(float(v) for v in clips)
+        except (TypeError, ValueError):
+            raise ValueError(f"clip_timestamps must be a 'start,end,...' string or a sequence of seconds, "
+                             f"found {clips!r}") from None
+    if not values:
+        raise ValueError("clip_timestamps is empty; '0' transcribes the whole audio")
+    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(f"clip_timestamps must be finite seconds >= 0, found {bad[0]!r} in {clips!r}")
+    for k in range(1, len(values)):
+        if values[k] < values[k - 1]:
+            kind = "end" if k % 2 else "start"
+            raise ValueError(f"clip_timestamps run backwards: the {kind} {values[k]} is before the "
+                             f"{values[k - 1]} ahead of it in {clips!r}")
+    return values
+
+
+def clip_spans(values: tuple[float, ...], n_samples: int, sample_rate: int) -> list[tuple[int, int]]:
+    """[(start, end)] samples of the clips inside the audio."""
+    bounds = list(values) + ([n_samples / sample_rate] if len(values) % 2 else [])
+    spans = []
+    for start, end in zip(bounds[::2], bounds[1::2]):
+        a, b = min(round(start * sample_rate), n_samples), min(round(end * sample_rate), n_samples)
+        if b > a:
+            spans.append((a, b))
+    return spans
+
+
+def speech_spans(audio: np.ndarray, spans: list[tuple[int, int]], vad: VadOptions) -> list[tuple[int, int]]:
+    """The speech inside each span (the VAD run on the span alone)."""
+    out = []
+    for a, b in spans:
+        part = audio[a:b]
+        out += [(a + s, a + e) for s, e in speech_timestamps(detector()(part), part.size, vad)]
+    return out
+
+
+def speech_sections(audio: np.ndarray, spans: list[tuple[int, int]], vad: VadOptions, sample_rate: int,
+                    sections: int, chunk_s: float = CHUNK_S) -> list[Timeline]:
+    """The speech inside the spans cut into up to `sections` parts of about equal length
+    (none shorter than `chunk_s` where the speech allows), each cut at the longest pause
+    near its equal share: a gap between speech spans, or a run of windows below the
+    VAD's silence threshold inside one. Each part is then read as a long-form audio of
+    its own, its windows prompted with the text before them, so only a part's first
+    window goes without the previous text."""
+    speech, pauses = [], []
+    for a, b in spans:
+        part = audio[a:b]
+        probs = detector()(part)
+        found = [(a + s, a + e) for s, e in speech_timestamps(probs, part.size, vad)]
+        pauses += _pauses(probs, found, a, vad) + ([(speech[-1][1], found[0][0], found[0][0] - speech[-1][1])]
+                                                   if speech and found else [])
+        speech += found
+    if not speech:
+        return []
+    return _sections(speech, sorted(pauses), sample_rate, sections, chunk_s)
+
+
+def _pauses(probs: np.ndarray, speech: list[tuple[int, int]], offset: int,
+            vad: VadOptions) -> list[tuple[int, int, int]]:
+    """Where a section may end: (its end, the next one's start, how long the pause
+    is) in samples, at each gap between speech spans and in the middle of each run of
+    quiet windows (three or more, 96 ms) inside a span."""
+    cuts = [(e, s, s - e) for (_, e), (s, _) in zip(speech, speech[1:])]
+    quiet = np.concatenate([[False], probs < vad.silence_threshold, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(np.int8)))
+    for first, last in zip(edges[::2], edges[1::2]):
+        if last - first >= 3:
+            mid = offset + (first + last) // 2 * WINDOW
+            if any(s < mid < e for s, e in speech):
+                cuts.append((mid, mid, (last - first) * WINDOW))
+    return sorted(cuts)
+
+
+def _sections(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]], sample_rate: int,
+              sections: int, chunk_s: float) -> list[Timeline]:
+    starts = np.cumsum([0] + [e - s for s, e in speech])
+    total = int(starts[-1])
+    n = max(1, min(sections, int(total // (chunk_s * sample_rate))))
+    share = total / n
+
+    def content(x: int) -> int:  # speech before sample x
+        k = bisect.bisect_right([s for s, _ in speech], x) - 1
+        return 0 if k < 0 else int(starts[k] + min(x, speech[k][1]) - speech[k][0])
+
+    def part(x: int, y: int) -> Timeline:
+        return Timeline(tuple((max(s, x), min(e, y)) for s, e in speech if min(e, y) > max(s, x)), sample_rate)
+
+    bounds = [(speech[0][0], None)]
+    for k in range(1, n):
+        target = k * share
+        near = [p for p in pauses if abs(content(p[0]) - target) <= share / 4 and p[0] > bounds[-1][0]]
+        if near:
+            stop, start, _ = max(near, key=lambda p: (p[2], -abs(content(p[0]) - target)))
+        else:  # no pause near the share: cut inside the speech, where the share ends
+            i = int(np.searchsorted(starts, target, side="right")) - 1
+            stop = start = int(speech[i][0] + target - starts[i])
+        bounds[-1] = (bounds[-1][0], stop)
+        bounds.append((start, None))
+    bounds[-1] = (bounds[-1][0], speech[-1][1])
+    return [line for line in (part(x, y) for x, y in bounds) if line.spans]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Spans of the original audio laid end to end: where each starts in the joined
+    audio, and where it came from."""
+    spans: tuple[tuple[int, int], ...]
+    sample_rate: int
+
+    @property
+    def joined_starts(self) -> list[int]:
+        starts, at = [], 0
+        for a, b in self.spans:
+            starts.append(at)
+            at += b - a
+        return starts
+
+    def join(self, audio: np.ndarray) -> np.ndarray:
+        if not self.spans:
+            return np.zeros(0, np.float32)
+        return np.concatenate([audio[a:b] for a, b in self.spans]).astype(np.float32, copy=False)
+
+    def original(self, seconds: float, is_end: bool = False) -> float:
+        """A time in the joined audio on the original timeline. An end that falls on a
+        join belongs to the span before it; a start there, to the span after it."""
+        if not self.spans:
+            return seconds
+        sample = seconds * self.sample_rate
+        starts = self.joined_starts
+        k = (bisect.bisect_left if is_end else bisect.bisect_right)(starts, sample) - 1
+        k = min(max(k, 0), len(starts) - 1)
+        a, b = self.spans[k]
+        return min(a + sample - starts[k], b) / self.sample_rate
+
+    def restore(self, result: dict, hop_length: int) -> dict:
+        """`result` (of the joined audio) with segment and word times, and each
+        segment's `seek`, on the original timeline."""
+        for segment in result["segments"]:
+            segment["seek"] = round(self.original(segment["seek"] * hop_length / self.sample_rate)
+                                    * self.sample_rate / hop_length)
+            segment["start"] = round(self.original(segment["start"]), 3)
+            segment["end"] = round(self.original(segment["end"], is_end=True), 3)
+            for word in segment.get("words", ()):
+                word["start"] = round(self.original(word["start"]), 3)
+                word["end"] = round(self.original(word["end"], is_end=True), 3)
+        return result
+
+
+def merged(results: list[dict], language: str | None) -> dict:
+    """The results of one audio's sections, in order, as one result."""
+    segments = [s for r in results for s in r["segments"]]
+    for i, segment in enumerate(segments):
+        segment["id"] = i
+    out = dict(text="".join(s["text"] for s in segments), segments=segments,
+               language=results[0]["language"] if results else language)
+    probs = [r["language_probs"] for r in results if "language_probs" in r]
+    if probs:
+        out["language_probs"] = probs[0]
+    return out
