@@ -279,9 +279,7 @@ class Spectrogram:
                 peak = max(peak, raw.max())
             reader.release(t1 * hop - half)
             t0 = t1
-        self.n_samples = reader.n
-        if not self.n_samples:
-            raise AudioError(f"{getattr(source, 'path', '<array>')}: the audio is empty (zero samples)")
+        self.n_samples = reader.n  # zero only for arrays: files and `prepare` refuse empty audio
         self.total_frames = (self.n_samples + spec.n_samples) // hop
         if t0 < self.total_frames:  # frames of pure padding: log10 of the 1e-10 floor
             peak = max(peak, np.float32(-10.0))

@@ -59,16 +59,6 @@ def _transcribe(args) -> int:
     options = _options(args)  # options and the output directory are checked before the model loads
     check_output_dir(args.output_dir)
 
-    options = TranscribeOptions(
-        language=args.language, task=args.task, temperature=tuple(args.temperature),
-        beam_size=_above_one(args.beam_size), best_of=_above_one(args.best_of),
-        patience=args.patience, length_penalty=args.length_penalty, initial_prompt=args.initial_prompt,
-        condition_on_previous_text=args.condition_on_previous_text,
-        compression_ratio_threshold=args.compression_ratio_threshold,
-        logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
-        without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
-        prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
-        vad_filter=args.vad, vad_options=_vad_options(args), clip_timestamps=args.clip_timestamps)
     # Compiled once for every input.
     model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
