@@ -135,39 +135,70 @@ class SileroVad:
                                       weights_registry={k: self.weights[k] for k in front})
         self._front = models[graph.name]
         self._reflect = np.pad(np.arange(WINDOW + CONTEXT), _PAD, mode="reflect")
+        self._w_hh = self.weights["lstm_cell.weight_hh"].T.copy()
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """Speech probability (float32) of each 512-sample window of 16 kHz mono `audio`,
         the last window padded with zeros."""
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        stream = self.streaming()
+        probs = [stream(audio[i: i + BLOCK * WINDOW]) for i in range(0, audio.size, BLOCK * WINDOW)]
+        return np.concatenate([np.zeros(0, np.float32), *probs, stream.flush()])
+
+    def streaming(self) -> VadStream:
+        """A detector for audio that arrives in pieces: its state carries over."""
+        return VadStream(self)
+
+    def _score(self, block: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
+        """Probabilities of the windows of `block` (the 64 samples before its first window,
+        then whole windows), and the LSTM state after them."""
         from max.driver import Buffer
 
-        audio = np.asarray(audio, np.float32).reshape(-1)
-        n = -(-audio.size // WINDOW)
+        count = (block.size - CONTEXT) // WINDOW
+        rows = block[np.arange(count)[:, None] * WINDOW + self._reflect[None, :]]
+        gates_in = self._front.execute(Buffer.from_numpy(np.ascontiguousarray(rows)))[0].to_numpy()
         w = self.weights
-        w_hh, head = w["lstm_cell.weight_hh"].T.copy(), w["final_conv.weight"].reshape(-1)
-        h = np.zeros(_HIDDEN, np.float32)
-        c = np.zeros(_HIDDEN, np.float32)
-        probs = np.empty(n, np.float32)
-        for first in range(0, n, BLOCK):
-            count = min(BLOCK, n - first)
-            # The block's samples with the 64 before it (zeros before the first window, and
-            # after the last sample), copied a block at a time, never the whole audio.
-            lo = first * WINDOW - CONTEXT
-            block = np.zeros(CONTEXT + count * WINDOW, np.float32)
-            src = audio[max(lo, 0): (first + count) * WINDOW]
-            block[max(lo, 0) - lo: max(lo, 0) - lo + src.size] = src
-            rows = block[np.arange(count)[:, None] * WINDOW + self._reflect[None, :]]
-            gates_in = self._front.execute(Buffer.from_numpy(np.ascontiguousarray(rows)))[0].to_numpy()
-            hidden = np.empty((count, _HIDDEN), np.float32)
-            for t in range(count):
-                gates = gates_in[t] + h @ w_hh
-                i, f, g, o = (gates[k * _HIDDEN: (k + 1) * _HIDDEN] for k in range(4))
-                c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-                h = _sigmoid(o) * np.tanh(c)
-                hidden[t] = h
-            logits = np.maximum(hidden, 0) @ head + w["final_conv.bias"][0]
-            probs[first: first + count] = _sigmoid(logits)
-        return probs
+        w_hh, head = self._w_hh, w["final_conv.weight"].reshape(-1)
+        h, c = state
+        hidden = np.empty((count, _HIDDEN), np.float32)
+        for t in range(count):
+            gates = gates_in[t] + h @ w_hh
+            i, f, g, o = (gates[k * _HIDDEN: (k + 1) * _HIDDEN] for k in range(4))
+            c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+            h = _sigmoid(o) * np.tanh(c)
+            hidden[t] = h
+        logits = np.maximum(hidden, 0) @ head + w["final_conv.bias"][0]
+        return _sigmoid(logits).astype(np.float32), (h, c)
+
+
+class VadStream:
+    """Silero VAD over audio fed in pieces of any size: each call returns the speech
+    probabilities of the 512-sample windows it completed (the network's state, and the
+    64 samples of context before each window, carry over), as the whole audio at once
+    would give them."""
+
+    def __init__(self, vad: SileroVad):
+        self._vad = vad
+        self._context = np.zeros(CONTEXT, np.float32)
+        self._pending = np.zeros(0, np.float32)
+        self._state = (np.zeros(_HIDDEN, np.float32), np.zeros(_HIDDEN, np.float32))
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        self._pending = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
+        out = []
+        while self._pending.size >= WINDOW:
+            count = min(BLOCK, self._pending.size // WINDOW)
+            block = np.concatenate([self._context, self._pending[: count * WINDOW]])
+            probs, self._state = self._vad._score(block, self._state)
+            out.append(probs)
+            self._context, self._pending = block[-CONTEXT:], self._pending[count * WINDOW:]
+        return np.concatenate([np.zeros(0, np.float32), *out])
+
+    def flush(self) -> np.ndarray:
+        """The last, partial window's probability, padded with zeros (none if it is empty)."""
+        if not self._pending.size:
+            return np.zeros(0, np.float32)
+        return self(np.zeros(WINDOW - self._pending.size, np.float32))
 
 
 def _sigmoid(x):

@@ -219,3 +219,20 @@ def test_decoding_options_are_checked_before_the_vad_runs(tiny_en, monkeypatch):
         tiny_en.transcribe(np.zeros(RATE, np.float32), vad_filter=True, batch_size=0)
     with pytest.raises(ValueError, match="word_timestamps"):
         tiny_en.transcribe(np.zeros(RATE, np.float32), vad_filter=True, word_timestamps=True, task="translate")
+
+
+def test_streaming_in_pieces_gives_the_whole_audios_probabilities(vad):
+    """Fed in pieces of any size (as a live stream arrives), the detector carries its
+    state and context over and scores every window as it would in one call."""
+    audio = joined(["01", "02"])[0][: 16000 * 9 + 123]
+    whole = vad(audio)
+    stream = vad.streaming()
+    rng = np.random.default_rng(0)
+    pieces, at = [], 0
+    while at < audio.size:
+        n = int(rng.integers(1, 3000))
+        pieces.append(stream(audio[at: at + n]))
+        at += n
+    got = np.concatenate([*pieces, stream.flush()])
+    assert got.shape == whole.shape
+    np.testing.assert_allclose(got, whole, atol=1e-6)
