@@ -11,6 +11,7 @@ from .registry import DEFAULT_MODEL
 from .precision import PRECISIONS
 from .spec import SpecError, load_spec
 from .transcribe import TranscribeOptions
+from .streaming import StreamOptions
 from .vad import VadOptions
 from .weights import WeightsError
 from .writers import FORMATS
@@ -162,6 +163,49 @@ def _vad_arguments(p: argparse.ArgumentParser) -> None:
                    help="transcribe only these spans: 'start,end,start,end,...' seconds (default: all)")
 
 
+def _pcm_chunks(source: str, rate: int, chunk_s: float):
+    """Float32 chunks of a file (resampled to `rate`) or of raw PCM16 mono at `rate` on
+    stdin ('-')."""
+    import numpy as np
+
+    n = max(1, int(chunk_s * rate))
+    if source == "-":
+        stdin = sys.stdin.buffer
+        while data := stdin.read(2 * n):
+            yield np.frombuffer(data[: len(data) // 2 * 2], "<i2").astype(np.float32) / 32768.0
+        return
+    from .audio import load_audio
+
+    audio = load_audio(source, rate)
+    for i in range(0, audio.size, n):
+        yield audio[i: i + n]
+
+
+def _stream(args) -> int:
+    import json
+
+    from .model import load_model
+    from .streaming import SAMPLE_RATE, StreamOptions, replay
+
+    options = StreamOptions(language=args.language, update_seconds=args.update_seconds,
+                            end_silence_seconds=args.end_silence_seconds)
+    if args.speed is not None and not args.speed > 0:
+        raise ValueError(f"--speed must be > 0, found {args.speed}")
+    if args.audio != "-":
+        from .audio import AudioFile
+
+        AudioFile(args.audio, SAMPLE_RATE)  # a bad file is named before the model loads
+    model = load_model(args.model, device=args.device, precision=args.precision, attention=args.attention)
+    model.runtime.warmup()
+    speed = None if args.audio == "-" else args.speed
+    for event, emitted in replay(model, _pcm_chunks(args.audio, SAMPLE_RATE, 0.1), options, speed=speed):
+        if args.events == "jsonl":
+            print(json.dumps(dict(event.as_dict(), emitted=round(emitted, 3)), ensure_ascii=False), flush=True)
+        elif event.type == "committed":
+            print(event.text, flush=True)
+    return 0
+
+
 def _warmup(args) -> None:
     from .model import load_model
 
@@ -285,6 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--retry-errors", action="store_true", help="try again the files the table has as failed")
     bt.add_argument("--quiet", action="store_true", help="no progress bar")
     bt.set_defaults(func=_batch)
+
+    st = sub.add_parser("stream", help="transcribe as the audio plays: committed words as they come",
+                        description="Replay a file in real time (or faster with --speed), or read raw PCM16 "
+                                    "mono at 16 kHz from stdin ('-'), printing the words as they are committed.")
+    st.add_argument("audio", help="audio file, or '-' for raw PCM16 mono 16 kHz on stdin "
+                                  "(arecord -f S16_LE -r 16000 -c 1 -t raw | maxwhisper stream -)")
+    _model_arguments(st)
+    st.add_argument("--language", default=None, help="language code; detected when omitted")
+    st.add_argument("--speed", type=float, default=1.0, help="replay speed for a file (default 1: real time)")
+    st.add_argument("--events", choices=["text", "jsonl"], default="text",
+                    help="text: committed text, a line at a time; jsonl: every event as a JSON line "
+                         "(type, text, words with start and end in audio seconds, emitted: wall seconds)")
+    d = StreamOptions()
+    st.add_argument("--update-seconds", type=float, default=d.update_seconds,
+                    help="new audio that triggers the next decoding (default %(default)s)")
+    st.add_argument("--end-silence-seconds", type=float, default=d.end_silence_seconds,
+                    help="silence that ends an utterance (default %(default)s)")
+    st.set_defaults(func=_stream)
 
     warm = sub.add_parser("warmup", help="compile a model now, for images, servers and workers",
                           description="Compile a model's graphs ahead of time into the cache "

@@ -3,7 +3,7 @@ spoken, and never taken back once committed.
 
 Policy, LocalAgreement-2 over word-timestamped decoding: every `update_seconds` of new
 audio the uncommitted buffer (at most `max_buffer_seconds`) is decoded again, with the
-last committed words as its prompt; the words on which two decodings in a row agree, in
+committed words before the buffer as its prompt; the words on which two decodings in a row agree, in
 order from the start, are committed. Silence ends an utterance: once the speech
 detector hears `end_silence_seconds` of it after the last word, the rest of the
 hypothesis is committed and the buffer moves past the silence, which is never decoded.
@@ -142,7 +142,10 @@ class Stream:
         self._decoded_to = len(self._buffer)
         if self._speech_end <= self._offset:  # no speech in the buffer
             return None
-        text = "".join(w.word for w in self.committed)
+        # Only text whose audio has left the buffer: prompted with words it still hears,
+        # the model tends to skip them, or not, from one decoding to the next.
+        before = self._offset / SAMPLE_RATE + 0.05
+        text = "".join(w.word for w in self.committed if w.end <= before)
         prompt = tuple(self.tokenize(text)[-self.options.prompt_tokens:]) if text and self.options.prompt_tokens \
             else ()
         return Request(self._buffer.copy(), prompt)
@@ -152,8 +155,12 @@ class Stream:
         start = self._offset / SAMPLE_RATE
         words = [Word(w["word"], start + w["start"], start + w["end"])
                  for s in result.get("segments", []) for w in s.get("words", [])]
-        last_end = self.committed[-1].end if self.committed else 0.0
-        words = self._after_committed([w for w in words if w.end > last_end - 0.1])
+        words = self._after_committed([w for w in words if _key(w.word)])  # a lone "." is no word
+        if self._finishing or self._closing:
+            # What follows the last word heard in an utterance's final decoding is squeezed
+            # into no time: Whisper's "Thank you." of silence.
+            while words and words[-1].end - words[-1].start < 0.08:
+                words.pop()
         if self._finishing:
             self._finished = True
             events = self._commit(words)
@@ -188,13 +195,22 @@ class Stream:
         return self._finished
 
     def _after_committed(self, words: list[Word]) -> list[Word]:
-        """Words already committed at the buffer's start come back in each decoding:
-        drop the longest run (up to 5) that repeats the committed tail."""
+        """The words after the committed ones. The buffer still holds audio of committed
+        words, and a decoding's word times near its start are loose, so the committed
+        tail is found by its words (the longest run of up to 5 that the decoding repeats,
+        ending within a second of where the committed text ends); by time only where no
+        such run is found."""
+        if not self.committed:
+            return words
+        last_end = self.committed[-1].end
+        keys = [_key(w.word) for w in words]
         tail = [_key(w.word) for w in self.committed[-5:]]
-        for n in range(min(5, len(tail), len(words)), 0, -1):
-            if tail[-n:] == [_key(w.word) for w in words[:n]]:
-                return words[n:]
-        return words
+        for n in range(min(5, len(tail)), 0, -1):
+            ends = [p + n for p in range(len(words) - n + 1) if keys[p: p + n] == tail[-n:]
+                    and abs(words[p + n - 1].end - last_end) < 1.0]
+            if ends:
+                return words[ends[-1]:]
+        return [w for w in words if w.start > last_end - 0.1]
 
     def _commit(self, words: list[Word]) -> list[Event]:
         if not words:
@@ -264,3 +280,39 @@ def model_stream(model, options: StreamOptions = StreamOptions()) -> Stream:
     from .vad import detector
 
     return Stream(model.tokenizer.encode, detector().streaming(), options)
+
+
+def replay(model, chunks, options: StreamOptions = StreamOptions(), speed: float | None = 1.0, clock=None):
+    """Run one stream over `chunks` (an iterable of float32 sample arrays), yielding
+    (event, emitted) where `emitted` is the wall-clock seconds since the first chunk.
+    With `speed`, audio is released no faster than real time times `speed` and the clock
+    runs during decoding, so what decoding costs shows in the times; `speed=None`
+    releases it as fast as it comes (a live source such as stdin paces itself)."""
+    import time
+
+    clock = clock or time.monotonic
+    stream = model_stream(model, options)
+    start, released = clock(), 0.0
+
+    def step():
+        while stream.due():
+            request = stream.request()
+            if request is None:
+                break
+            (result,) = decode_streams(model, [(options, request)])
+            yield from ((e, clock() - start) for e in stream.accept(result, request))
+
+    for chunk in chunks:
+        chunk = np.asarray(chunk, np.float32).reshape(-1)
+        step_s = chunk.size / SAMPLE_RATE / (speed or 1.0)
+        if speed is not None:  # a chunk is out once all of it has been spoken
+            released += step_s
+            wait = start + released - clock()
+            if wait > 0:
+                time.sleep(wait)
+        stream.add(chunk)
+        if speed is None or clock() < start + released + step_s:  # behind: take what is out first
+            yield from step()
+    for event in stream.finish():
+        yield event, clock() - start
+    yield from step()
