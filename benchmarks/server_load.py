@@ -3,12 +3,16 @@ with batching off (`--max-batch 1`), in one run, under 1, 4 and 16 concurrent cl
 
     python -m benchmarks.server_load --model tiny.en --clients 1 4 16 --requests 3 --soak 300
 
-Each server runs as its own `maxwhisper serve` process on 127.0.0.1. Every client sends
+Both servers run at once, each its own `maxwhisper serve` process on 127.0.0.1, and
+are loaded in turn, one client count at a time, so that the two measurements of a
+count are minutes apart at most on a shared machine. Every client sends
 --requests transcriptions one after the other (the committed clips, tests/data/speech,
 each client starting at another clip) through the official `openai` client; every
 answer is checked against the offline transcript of the same clip (`model.transcribe`,
 computed first in this process). Throughput is audio seconds transcribed per wall
-second; latency is per request, from sending to the whole answer. The soak then sends
+second; latency is per request, from sending to the whole answer; the server's CPU
+seconds (user + system, from /proc) show the work apart from what other processes
+take from it. The soak then sends
 --soak requests from the largest client count to the batching server and reports its
 resident memory before and after.
 """
@@ -36,6 +40,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -104,13 +113,15 @@ def load(server: Server, clients: int, requests: int, offline: dict[str, str], d
                 if text != offline[clip]:
                     wrong.append(f"{Path(clip).name}: {text!r}")
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_s(server.proc.pid)
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     wall = time.perf_counter() - start
+    cpu = cpu_s(server.proc.pid) - cpu
     audio = sum(durations[CLIPS[(k + i) % len(CLIPS)]] for k in range(clients) for i in range(requests))
     q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
     return dict(clients=clients, requests=len(latencies), audio_s=audio, wall_s=wall, throughput=audio / wall,
+                cpu_s=cpu,
                 p50=statistics.median(latencies), p95=q[18], wrong=wrong)
 
 
@@ -135,35 +146,39 @@ def main(argv: list[str] | None = None) -> int:
           f"{max(durations.values()):.1f} s", flush=True)
 
     rows, soak = [], None
-    for max_batch in (args.max_batch, 1):
-        server = Server(args.model, args.device, max_batch)
-        try:
-            for clients in args.clients:
+    servers = {}
+    try:
+        for max_batch in (args.max_batch, 1):
+            servers[max_batch] = Server(args.model, args.device, max_batch)
+        for clients in args.clients:
+            for max_batch, server in servers.items():
                 row = load(server, clients, args.requests, offline, durations)
                 rows.append(dict(max_batch=max_batch, **row))
                 print(f"  --max-batch {max_batch}, {clients} clients: {row['throughput']:.2f} audio s/s", flush=True)
-            if max_batch == args.max_batch and args.soak:
-                clients = max(args.clients)
-                before = rss_mib(server.proc.pid)
-                row = load(server, clients, -(-args.soak // clients), offline, durations)
-                soak = dict(before=before, after=rss_mib(server.proc.pid), **row)
-        finally:
+        if args.soak:
+            server, clients = servers[args.max_batch], max(args.clients)
+            before = rss_mib(server.proc.pid)
+            row = load(server, clients, -(-args.soak // clients), offline, durations)
+            soak = dict(before=before, after=rss_mib(server.proc.pid), **row)
+    finally:
+        for server in servers.values():
             server.close()
 
     print()
-    print("| server | clients | requests | audio s | wall s | audio s / wall s | p50 latency s | p95 latency s | "
-          "answers equal offline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| server | clients | requests | audio s | wall s | audio s / wall s | audio s / server CPU s | "
+          "p50 latency s | p95 latency s | answers equal offline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| --max-batch {r['max_batch']} | {r['clients']} | {r['requests']} | {r['audio_s']:.1f} | "
-              f"{r['wall_s']:.1f} | {r['throughput']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
+              f"{r['wall_s']:.1f} | {r['throughput']:.2f} | {r['audio_s'] / r['cpu_s']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | "
               f"{r['requests'] - len(r['wrong'])}/{r['requests']} |")
     print()
     for clients in args.clients:
         on = next(r for r in rows if r["clients"] == clients and r["max_batch"] == args.max_batch)
         off = next(r for r in rows if r["clients"] == clients and r["max_batch"] == 1)
         print(f"{clients} clients: batching gives {on['throughput'] / off['throughput']:.2f}x the throughput "
-              f"of --max-batch 1")
+              f"of --max-batch 1 ({(on['audio_s'] / on['cpu_s']) / (off['audio_s'] / off['cpu_s']):.2f}x "
+              "per server CPU second)")
     if soak is not None:
         print(f"soak: {soak['requests']} requests from {soak['clients']} clients in {soak['wall_s']:.0f} s "
               f"({soak['throughput']:.2f} audio s/s), {soak['requests'] - len(soak['wrong'])} equal offline; "

@@ -12,6 +12,7 @@ import numpy as np
 from .audio import log_mel_spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
+from .tokenizer import WhisperTokenizer
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -210,7 +211,7 @@ class DecodingPlan:
     """A `TranscribeOptions` checked against a model and turned into what decoding each
     window needs. Streams of equal options decode in the same groups."""
     options: TranscribeOptions
-    tok: object
+    tok: WhisperTokenizer  # prompting for the options' language and task
     temperatures: tuple[float, ...]
     search: dict
     fixed: dict

@@ -278,10 +278,9 @@ def test_a_client_that_leaves_has_its_work_cancelled(server, expected, tmp_path)
     with pytest.raises(httpx.ReadTimeout):
         _post(server, files={"file": ("long.wav", path.read_bytes())}, timeout=httpx.Timeout(60, read=1.5))
     end = time.monotonic() + 60
-    while _metric(server, "maxwhisper_cancelled_total") == before:
+    while _metric(server, "maxwhisper_cancelled_total") == before or _metric(server, "maxwhisper_active_streams"):
         assert time.monotonic() < end, "the work was never cancelled"
         time.sleep(0.1)
-    assert _metric(server, "maxwhisper_active_streams") == 0
     with open(CLIPS[4], "rb") as f:  # and the server carries on
         assert server.client().audio.transcriptions.create(file=f, model="tiny.en").text == \
             expected(CLIPS[4])["text"].strip()
