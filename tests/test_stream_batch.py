@@ -71,5 +71,5 @@ def test_cancelled_stream_leaves_and_a_failure_stays_with_its_group(tiny_en, mon
 def test_a_plan_refuses_options_before_any_audio(tiny_en):
     with pytest.raises(ValueError, match="word_timestamps"):
         DecodingPlan.of(tiny_en, TranscribeOptions(task="translate", word_timestamps=True))
-    with pytest.raises(ValueError, match="best_of"):
-        DecodingPlan.of(tiny_en, TranscribeOptions(temperature=0.0, best_of=3))
+    with pytest.raises(ValueError, match="beam_size must be >= 1"):
+        DecodingPlan.of(tiny_en, TranscribeOptions(beam_size=0))
