@@ -14,7 +14,7 @@ second; latency is per request, from sending to the whole answer; the server's C
 seconds (user + system, from /proc) show the work apart from what other processes
 take from it. The soak then sends
 --soak requests from the largest client count to the batching server and reports its
-resident memory before and after.
+resident memory at the start and after each quarter.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SOAK_PARTS = 4
 CLIPS = sorted(str(p) for p in (ROOT / "tests" / "data" / "speech").glob("*.wav"))
 
 
@@ -157,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  --max-batch {max_batch}, {clients} clients: {row['throughput']:.2f} audio s/s", flush=True)
         if args.soak:
             server, clients = servers[args.max_batch], max(args.clients)
-            before = rss_mib(server.proc.pid)
-            row = load(server, clients, -(-args.soak // clients), offline, durations)
-            soak = dict(before=before, after=rss_mib(server.proc.pid), **row)
+            rss = [rss_mib(server.proc.pid)]
+            parts = []
+            for _ in range(SOAK_PARTS):  # memory read between parts: growth or a plateau
+                parts.append(load(server, clients, -(-args.soak // (clients * SOAK_PARTS)), offline, durations))
+                rss.append(rss_mib(server.proc.pid))
+            soak = dict(rss=rss, clients=clients, requests=sum(p["requests"] for p in parts),
+                        wall_s=sum(p["wall_s"] for p in parts), audio_s=sum(p["audio_s"] for p in parts),
+                        wrong=[w for p in parts for w in p["wrong"]])
     finally:
         for server in servers.values():
             server.close()
@@ -181,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
               "per server CPU second)")
     if soak is not None:
         print(f"soak: {soak['requests']} requests from {soak['clients']} clients in {soak['wall_s']:.0f} s "
-              f"({soak['throughput']:.2f} audio s/s), {soak['requests'] - len(soak['wrong'])} equal offline; "
-              f"server RSS {soak['before']:.0f} MiB before, {soak['after']:.0f} MiB after")
+              f"({soak['audio_s'] / soak['wall_s']:.2f} audio s/s), {soak['requests'] - len(soak['wrong'])} equal "
+              f"offline; server RSS (MiB) at the start and after each quarter: "
+              f"{', '.join(f'{r:.0f}' for r in soak['rss'])}")
     mismatches = [w for r in rows + ([soak] if soak else []) for w in r["wrong"]]
     for w in mismatches[:10]:
         print(f"differs from offline: {w}")
