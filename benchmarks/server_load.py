@@ -12,7 +12,10 @@ answer is checked against the offline transcript of the same clip (`model.transc
 computed first in this process). Throughput is audio seconds transcribed per wall
 second; latency is per request, from sending to the whole answer; the server's CPU
 seconds (user + system, from /proc) show the work apart from what other processes
-take from it. The soak then sends
+take from it. Offline, in this process, the clips are first
+transcribed one at a time and --max-batch at a time with the encoder's share timed:
+the encoder runs a full 30 s window per clip whatever the batch, so this bounds what
+batching can give. The soak then sends
 --soak requests from the largest client count to the batching server and reports its
 resident memory at the start and after each quarter.
 """
@@ -93,6 +96,29 @@ def _durations() -> dict[str, float]:
     return {c: sf.info(c).frames / sf.info(c).samplerate for c in CLIPS}
 
 
+def offline_split(model, batch_size: int) -> tuple[float, float]:
+    """(encoder seconds, total seconds) of `transcribe_many` over the clips in this
+    process, `batch_size` at a time: what batching can share at best."""
+    from maxwhisper.audio import load_audio
+
+    audios = [load_audio(c) for c in CLIPS]
+    real, spent = model.runtime.encode, [0.0]
+
+    def timed(mel):
+        start = time.perf_counter()
+        out = real(mel)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    model.runtime.encode = timed
+    try:
+        start = time.perf_counter()
+        model.transcribe_many(audios, batch_size=batch_size)
+        return spent[0], time.perf_counter() - start
+    finally:
+        del model.runtime.encode
+
+
 def load(server: Server, clients: int, requests: int, offline: dict[str, str], durations: dict[str, float]) -> dict:
     """`clients` threads sending `requests` each; wall time, latencies, mismatches."""
     import openai
@@ -140,11 +166,16 @@ def main(argv: list[str] | None = None) -> int:
 
     model = maxwhisper.load_model(args.model, device=args.device)
     offline = {c: model.transcribe(c)["text"].strip() for c in CLIPS}
+    split = {n: offline_split(model, n) for n in (1, args.max_batch)}
     del model
     durations = _durations()
     print(f"{args.model} on {args.device}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
           f"{args.requests} requests per client over {len(CLIPS)} clips of {min(durations.values()):.1f}-"
           f"{max(durations.values()):.1f} s", flush=True)
+
+    for n, (encode_s, total_s) in split.items():
+        print(f"  offline, {len(CLIPS)} clips {n} at a time: {total_s:.2f} s, of which the encoder {encode_s:.2f} s",
+              flush=True)
 
     rows, soak = [], None
     servers = {}
