@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .builder import ATTENTION
@@ -214,6 +215,21 @@ def _warmup(args) -> None:
     print(f"{args.model}: compiled for {model.device} ({model.precision}); later loads read it from the cache")
 
 
+def _serve(args) -> None:
+    try:
+        from .server import ServerSettings, serve
+    except ImportError as e:
+        raise RuntimeError(f"maxwhisper serve needs the server extra ({e.name} is missing): "
+                           "pip install 'maxwhisper[server]'") from None
+
+    settings = ServerSettings(model=args.model, device=args.device,
+                              precision=None if args.precision == "auto" else args.precision,
+                              attention=args.attention,
+                              max_batch=args.max_batch, api_key=args.api_key, max_upload_mb=args.max_upload_mb,
+                              timeout_s=args.timeout or None)
+    serve(settings, host=args.host, port=args.port)
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name or converted .safetensors (default {DEFAULT_MODEL})")
@@ -355,6 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--no-word-timestamps", action="store_true",
                       help="leave out the alignment decoder that word timestamps compile on first use")
     warm.set_defaults(func=_warmup)
+
+    srv = sub.add_parser("serve", help="serve OpenAI's transcription API over HTTP",
+                         description="An OpenAI-compatible transcription server (/v1/audio/transcriptions, "
+                                     "/v1/audio/translations): concurrent requests decode in one batch. "
+                                     "Needs the server extra: pip install 'maxwhisper[server]'.")
+    _model_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    srv.add_argument("--max-batch", type=int, default=8,
+                     help="requests decoded together, one window each per step (default %(default)s)")
+    srv.add_argument("--api-key", default=os.environ.get("MAXWHISPER_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $MAXWHISPER_API_KEY; none: open)")
+    srv.add_argument("--max-upload-mb", type=float, default=25.0,
+                     help="largest audio file accepted, in MiB (default %(default)s)")
+    srv.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds a request may queue and decode before it is cancelled; 0: no limit "
+                          "(default %(default)s)")
+    srv.set_defaults(func=_serve)
     return parser
 
 

@@ -14,6 +14,7 @@ from .audio import Spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
 from .spans import Timeline, clip_spans, merged, parse_clip_timestamps, speech_sections, speech_spans
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
+from .tokenizer import WhisperTokenizer
 from .vad import VadOptions
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -262,73 +263,165 @@ def transcribe_batch(model, audios: Iterable[np.ndarray | Spectrogram], options:
     if not o.whole_audio:
         yield from _transcribe_parts(model, audios, o, batch_size, progress)
         return
-    language, task, temperature, beam_size, best_of = o.language, o.task, o.temperature, o.beam_size, o.best_of
-    patience, length_penalty, initial_prompt = o.patience, o.length_penalty, o.initial_prompt
-    suppress_tokens, suppress_blank, without_timestamps = o.suppress_tokens, o.suppress_blank, o.without_timestamps
-    word_timestamps, silence_threshold_db = o.word_timestamps, o.silence_threshold_db
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, found {batch_size}")
-    if word_timestamps and task == "translate":
-        raise ValueError("word_timestamps align the spoken words; they are not available with task='translate'")
-    spec, runtime = model.spec, model.runtime
-    a = spec.audio
-    base_tok = model.tokenizer.with_language(language, task)
-    temperatures = (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
-    search = dict(beam_size=beam_size, best_of=best_of, patience=patience, length_penalty=length_penalty)
-    fixed = dict(task=task, suppress_tokens=suppress_tokens, suppress_blank=suppress_blank,
-                 without_timestamps=without_timestamps)
-    for t in temperatures:  # options are checked now, not after the first window
-        _options_at(t, search, **fixed)
-    cfg = dict(no_speech_threshold=o.no_speech_threshold, logprob_threshold=o.logprob_threshold,
-               compression_ratio_threshold=o.compression_ratio_threshold, word_timestamps=word_timestamps,
-               condition_on_previous_text=o.condition_on_previous_text,
-               prepend_punctuations=o.prepend_punctuations, append_punctuations=o.append_punctuations)
-    floor = None if silence_threshold_db is None else 10.0 ** (silence_threshold_db / 20.0)
-
-    def advance(index: int, stream: _Stream, result, cross, frames: int) -> None:
-        before = stream.seek
-        stream.accept(model, result, cross, frames, cfg)
-        if progress is not None:
-            progress(index, min(stream.content_frames, stream.seek) - before, stream.content_frames)
-
+    plan = DecodingPlan.of(model, o)
+    batch = StreamBatch(model, progress=progress)
     pending = enumerate(audios)
-    active: list[tuple[int, _Stream]] = []
     while True:
-        for index, stream in [x for x in active if x[1].finished]:
-            active.remove((index, stream))
-            yield index, stream.result()
+        for index, result in batch.done():
+            if isinstance(result, Exception):
+                raise result
+            yield index, result
         arrivals = []
-        while len(active) + len(arrivals) < batch_size and (nxt := next(pending, None)) is not None:
-            arrivals.append((nxt[0], _Stream(model, nxt[1], base_tok, initial_prompt, floor)))
+        while len(batch) + len(arrivals) < batch_size and (nxt := next(pending, None)) is not None:
+            arrivals.append((nxt[0], nxt[1], plan))
         if arrivals:
-            _detect_languages(model, [s for _, s in arrivals], base_tok, task)
-            active += arrivals
+            batch.admit(arrivals)
             continue  # an audio shorter than one frame is finished on arrival
-        if not active:
+        if not batch:
             return
+        batch.step()
 
+
+@dataclass(frozen=True, eq=False)
+class DecodingPlan:
+    """A `TranscribeOptions` checked against a model and turned into what decoding each
+    window needs. Streams of equal options decode in the same groups."""
+    options: TranscribeOptions
+    tok: WhisperTokenizer  # prompting for the options' language and task
+    temperatures: tuple[float, ...]
+    search: dict
+    fixed: dict
+    cfg: dict
+    floor: float | None
+
+    @classmethod
+    def of(cls, model, options: TranscribeOptions) -> DecodingPlan:
+        """Refuses (ValueError) options that could not decode, before any audio is read."""
+        o = options
+        if o.word_timestamps and o.task == "translate":
+            raise ValueError("word_timestamps align the spoken words; they are not available with task='translate'")
+        tok = model.tokenizer.with_language(o.language, o.task)
+        temperatures = (o.temperature,) if isinstance(o.temperature, (int, float)) else tuple(o.temperature)
+        search = dict(beam_size=o.beam_size, best_of=o.best_of, patience=o.patience, length_penalty=o.length_penalty)
+        fixed = dict(task=o.task, suppress_tokens=o.suppress_tokens, suppress_blank=o.suppress_blank,
+                     without_timestamps=o.without_timestamps)
+        for t in temperatures:  # options are checked now, not after the first window
+            _options_at(t, search, **fixed)
+        cfg = dict(no_speech_threshold=o.no_speech_threshold, logprob_threshold=o.logprob_threshold,
+                   compression_ratio_threshold=o.compression_ratio_threshold, word_timestamps=o.word_timestamps,
+                   condition_on_previous_text=o.condition_on_previous_text,
+                   prepend_punctuations=o.prepend_punctuations, append_punctuations=o.append_punctuations)
+        floor = None if o.silence_threshold_db is None else 10.0 ** (o.silence_threshold_db / 20.0)
+        return cls(o, tok, temperatures, search, fixed, cfg, floor)
+
+
+class StreamBatch:
+    """The audios being transcribed side by side, each with its own options. Every
+    `step` encodes the current window of every stream in one call and decodes them in
+    groups of equal options, language and prompt length; streams may be admitted or
+    cancelled between steps, so a caller can keep the batch full as audios come and go.
+
+    `progress(key, frames, total_frames)` follows each stream's seek;
+    `on_segments(key, segments)` receives each window's new segments as they are decoded.
+    A failure while admitting or decoding ends only the streams it touched: `done()`
+    hands back their exception in place of a result."""
+
+    def __init__(self, model, progress=None, on_segments=None):
+        self.model, self.progress, self.on_segments = model, progress, on_segments
+        self._active: list[tuple[object, _Stream, DecodingPlan]] = []
+        self._failed: list[tuple[object, Exception]] = []
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def admit(self, arrivals: list[tuple[object, np.ndarray, DecodingPlan]]) -> None:
+        """Start streams (key, audio, plan); languages still unknown are detected from
+        their first windows, one detection per plan."""
+        started: dict[TranscribeOptions, list[tuple[object, _Stream, DecodingPlan]]] = {}
+        for key, audio, plan in arrivals:
+            try:
+                stream = _Stream(self.model, audio, plan.tok, plan.options.initial_prompt, plan.floor)
+            except Exception as e:
+                self._failed.append((key, e))
+                continue
+            started.setdefault(plan.options, []).append((key, stream, plan))
+        for entries in started.values():
+            plan = entries[0][2]
+            try:
+                _detect_languages(self.model, [s for _, s, _ in entries], plan.tok, plan.options.task)
+            except Exception as e:
+                self._failed += [(key, e) for key, _, _ in entries]
+                continue
+            self._active += entries
+
+    def cancel(self, key) -> bool:
+        """Drop a stream between steps; False when it is not (or no longer) active."""
+        for entry in self._active:
+            if entry[0] == key:
+                self._active.remove(entry)
+                return True
+        return False
+
+    def done(self) -> list[tuple[object, dict | Exception]]:
+        """Streams finished since the last call, and leave the batch: (key, result or
+        the exception that ended it)."""
+        finished = [(key, stream.result()) for key, stream, _ in self._active if stream.finished]
+        self._active = [e for e in self._active if not e[1].finished]
+        failed, self._failed = self._failed, []
+        return failed + finished
+
+    def step(self) -> int:
+        """Decode one window of every active stream; returns how many were encoded."""
+        model, runtime = self.model, self.model.runtime
+        a = model.spec.audio
         heard = []
-        for index, stream in active:
+        for key, stream, plan in self._active:
+            if stream.finished:
+                continue
             frames, mel = stream.window(a.n_frames)
             if mel is None:
-                advance(index, stream, None, None, frames)
+                self._advance(key, stream, plan, None, None, frames)
             else:
-                heard.append((index, stream, frames, mel))
+                heard.append((key, stream, plan, frames, mel))
         if not heard:
-            continue
-        _, ck, cv = runtime.encode(np.stack([m for *_, m in heard]))[:3]
+            return 0
+        try:
+            _, ck, cv = runtime.encode(np.stack([m for *_, m in heard]))[:3]
+        except Exception as e:
+            self._fail([h[0] for h in heard], e)
+            return 0
         groups: dict[tuple, list[int]] = {}
-        for row, (_, stream, _, _) in enumerate(heard):
-            key = (stream.tok.language, prompt_length(stream.tok, stream.prompt))
+        for row, (_, stream, plan, _, _) in enumerate(heard):
+            key = (plan.options, stream.tok.language, prompt_length(stream.tok, stream.prompt))
             groups.setdefault(key, []).append(row)
         for rows in groups.values():
-            cross = runtime.select_pair((ck, cv), rows)
-            streams = [heard[r][1] for r in rows]
-            results = _decode_with_fallback(runtime, streams[0].tok, cross, [s.prompt for s in streams],
-                                            temperatures, search, fixed, cfg)
-            for k, (r, result) in enumerate(zip(rows, results)):
-                index, stream, frames, _ = heard[r]
-                advance(index, stream, result, runtime.select_pair(cross, [k]) if word_timestamps else None, frames)
+            try:
+                cross = runtime.select_pair((ck, cv), rows)
+                streams = [heard[r][1] for r in rows]
+                plan = heard[rows[0]][2]
+                results = _decode_with_fallback(runtime, streams[0].tok, cross, [s.prompt for s in streams], plan)
+                for k, (r, result) in enumerate(zip(rows, results)):
+                    key, stream, _, frames, _ = heard[r]
+                    self._advance(key, stream, plan, result,
+                                  runtime.select_pair(cross, [k]) if plan.cfg["word_timestamps"] else None, frames)
+            except Exception as e:
+                self._fail([heard[r][0] for r in rows], e)
+        return len(heard)
+
+    def _advance(self, key, stream: _Stream, plan: DecodingPlan, result, cross, frames: int) -> None:
+        before, n_segments = stream.seek, len(stream.segments)
+        stream.accept(self.model, result, cross, frames, plan.cfg)
+        if self.progress is not None:
+            self.progress(key, min(stream.content_frames, stream.seek) - before, stream.content_frames)
+        if self.on_segments is not None and len(stream.segments) > n_segments:
+            self.on_segments(key, stream.segments[n_segments:])
+
+    def _fail(self, keys: list, error: Exception) -> None:
+        gone = set(keys)
+        self._failed += [(key, error) for key in keys if any(e[0] == key for e in self._active)]
+        self._active = [e for e in self._active if e[0] not in gone]
 
 
 def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: TranscribeOptions, batch_size: int,
@@ -407,16 +500,17 @@ def _options_at(t: float, search: dict, **fixed) -> DecodingOptions:
                            length_penalty=search["length_penalty"], **fixed)
 
 
-def _decode_with_fallback(runtime, tok, cross, prompts: list[list[int]], temperatures, search: dict,
-                          fixed: dict, cfg: dict) -> list[DecodingResult]:
+def _decode_with_fallback(runtime, tok, cross, prompts: list[list[int]], plan: DecodingPlan) -> list[DecodingResult]:
     """Decode the windows together; those whose text looks repetitive or unlikely (and
     not like silence) are decoded again, together, at the next temperature."""
     results: list[DecodingResult | None] = [None] * len(prompts)
     todo = list(range(len(prompts)))
+    cfg = plan.cfg
     cr, lp, ns = cfg["compression_ratio_threshold"], cfg["logprob_threshold"], cfg["no_speech_threshold"]
-    for t in temperatures:
+    for t in plan.temperatures:
         outs = decode(runtime, tok, runtime.select_pair(cross, todo),
-                      _options_at(t, search, language=tok.language, **fixed), prompts=[prompts[i] for i in todo])
+                      _options_at(t, plan.search, language=tok.language, **plan.fixed),
+                      prompts=[prompts[i] for i in todo])
         retry = []
         for i, result in zip(todo, outs):
             results[i] = result
