@@ -394,7 +394,10 @@ class StreamBatch:
             return 0
         groups: dict[tuple, list[int]] = {}
         for row, (_, stream, plan, _, _) in enumerate(heard):
-            key = (plan.options, stream.tok.language, prompt_length(stream.tok, stream.prompt))
+            # The initial prompt is already in each stream's prompt: streams that differ only
+            # in it (live streams, each prompted with its own text) decode together.
+            key = (replace(plan.options, initial_prompt=None), stream.tok.language,
+                   prompt_length(stream.tok, stream.prompt))
             groups.setdefault(key, []).append(row)
         for rows in groups.values():
             try:

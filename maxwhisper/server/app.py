@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +34,8 @@ log = logging.getLogger("maxwhisper.server")
 ALIAS = "whisper-1"
 # Room for the multipart framing and the text fields around the file itself.
 FORM_OVERHEAD = 64 * 1024
-KNOWN_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models", "/health", "/metrics")
+KNOWN_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models", "/health", "/metrics", "/")
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,16 @@ def create_app(settings: ServerSettings | None = None, load: Callable | None = N
     @app.post("/v1/audio/translations")
     async def translations(request: Request):
         return await _audio(server, request, "translate")
+
+    @app.websocket("/v1/stream")
+    async def stream(websocket: WebSocket):
+        from .live import live
+
+        await live(server, websocket)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
 
     return app
 
