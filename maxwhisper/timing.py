@@ -78,7 +78,10 @@ def find_alignment(runtime, tok, text_tokens: list[int], cross, num_frames: int,
     weights = qk[0, :, :, : num_frames // 2].astype(np.float64) * qk_scale
     weights = np.exp(weights - weights.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
-    weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
+    # A window of one or two frames leaves nothing to tell tokens apart (std 0): all
+    # positions score alike there, rather than NaN.
+    std = weights.std(axis=-2, keepdims=True)
+    weights = (weights - weights.mean(axis=-2, keepdims=True)) / np.where(std > 0, std, 1.0)
     matrix = median_filter(weights, medfilt_width).mean(axis=0)[len(sot): -1]
     text_index, time_index = dtw(-matrix)
 
