@@ -108,6 +108,8 @@ class AudioFile:
 
 def _mono(a: np.ndarray, source: str) -> np.ndarray:
     if a.ndim == 2:
+        if a.shape[1] == 0:
+            raise AudioError(f"{source}: samples shaped {a.shape} have no channel")
         if a.shape[1] > MAX_CHANNELS:
             raise AudioError(f"{source}: samples must be shaped (n,) or (n, channels); found {a.shape}, "
                              f"{a.shape[1]} channels, more than {MAX_CHANNELS}: a channels-first array "

@@ -324,7 +324,7 @@ print(json.dumps(dict(rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 def _peak_rss(path: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path)], capture_output=True, text=True, timeout=900,
-                         cwd=Path(__file__).parent.parent)
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

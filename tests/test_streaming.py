@@ -5,6 +5,7 @@ reads raw PCM from stdin."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_the_cli_reads_raw_pcm_from_stdin(tmp_path):
     audio, _ = sf.read(SPEECH_DIR / "03.wav", dtype="int16")
     out = subprocess.run([sys.executable, "-m", "maxwhisper.cli", "stream", "-", "--model", "tiny.en",
                           "--device", "cpu"], input=audio.astype("<i2").tobytes(), capture_output=True,
-                         timeout=600, cwd=Path(__file__).parent.parent)
+                         timeout=600, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert "Wednesday" in out.stdout.decode()
 
