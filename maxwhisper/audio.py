@@ -17,15 +17,6 @@ class AudioError(ValueError):
     """Audio that cannot be transcribed; the message names the file and the problem."""
 
 
-def _read_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1",
-           "-ar", str(sample_rate), "-"]
-    proc = subprocess.run(cmd, capture_output=True)
-    if proc.returncode:
-        raise AudioError(f"{path}: not a readable audio file (ffmpeg: {proc.stderr.decode().strip()[:200]})")
-    return np.frombuffer(proc.stdout, np.float32).copy()
-
-
 def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     """Mono float32 samples at `sample_rate`, the whole file in memory (`AudioFile`
     reads it block by block)."""
@@ -194,16 +185,30 @@ def log_mel_spectrogram(audio: np.ndarray, spec: AudioSpec, padding: int = 0,
         x = np.pad(x, (0, padding))
     x = np.pad(x, (n_fft // 2, n_fft // 2), mode="reflect")
     n_frames = (len(x) - n_fft) // hop  # the last frame is dropped, as openai-whisper does
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
-    filters = mel_filters(spec.sample_rate, n_fft, spec.n_mels).astype(np.float64)
     out = np.empty((spec.n_mels, n_frames), np.float32)
     for start in range(0, n_frames, block_frames):
         count = min(block_frames, n_frames - start)
-        seg = x[start * hop: start * hop + (count - 1) * hop + n_fft].astype(np.float64)
-        frames = np.lib.stride_tricks.as_strided(seg, (count, n_fft), (seg.strides[0] * hop, seg.strides[0]))
-        power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
-        out[:, start: start + count] = np.log10(np.maximum(filters @ power.T, 1e-10))
-    np.maximum(out, out.max() - 8.0, out=out)
+        out[:, start: start + count] = _log10_mel(x[start * hop: start * hop + (count - 1) * hop + n_fft], spec)
+    return _scaled(out, out.max() - 8.0)
+
+
+def _log10_mel(seg: np.ndarray, spec: AudioSpec) -> np.ndarray:
+    """log10 mel power of the frames of `seg`, one every hop, each n_fft long (float64
+    STFT, periodic Hann window, 1e-10 floor)."""
+    n_fft, hop = spec.n_fft, spec.hop_length
+    seg = np.asarray(seg, np.float64)
+    count = (len(seg) - n_fft) // hop + 1
+    frames = np.lib.stride_tricks.as_strided(seg, (count, n_fft), (seg.strides[0] * hop, seg.strides[0]))
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    filters = mel_filters(spec.sample_rate, n_fft, spec.n_mels).astype(np.float64)
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
+    return np.log10(np.maximum(filters @ power.T, 1e-10)).astype(np.float32)
+
+
+def _scaled(out: np.ndarray, floor) -> np.ndarray:
+    """openai-whisper's scale, in place: clamped at `floor` (8 below the loudest frame),
+    then about [-1, 1]."""
+    np.maximum(out, floor, out=out)
     out += 4.0
     out /= 4.0
     return out
@@ -244,12 +249,7 @@ class _Reader:
 def _raw_log_mel(reader: _Reader, t0: int, t1: int, spec: AudioSpec) -> np.ndarray:
     """log10 mel power of frames [t0, t1), each centred on sample t * hop."""
     n_fft, hop = spec.n_fft, spec.hop_length
-    seg = reader.get(t0 * hop - n_fft // 2, (t1 - 1) * hop + n_fft - n_fft // 2).astype(np.float64)
-    frames = np.lib.stride_tricks.as_strided(seg, (t1 - t0, n_fft), (seg.strides[0] * hop, seg.strides[0]))
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
-    filters = mel_filters(spec.sample_rate, n_fft, spec.n_mels).astype(np.float64)
-    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2
-    return np.log10(np.maximum(filters @ power.T, 1e-10)).astype(np.float32)
+    return _log10_mel(reader.get(t0 * hop - n_fft // 2, (t1 - 1) * hop + n_fft - n_fft // 2), spec)
 
 
 class Spectrogram:
@@ -320,10 +320,7 @@ class Spectrogram:
         reader = self._at(seek)
         out = _raw_log_mel(reader, seek, seek + frames, self.spec) if frames else \
             np.zeros((self.spec.n_mels, 0), np.float32)
-        np.maximum(out, self._floor, out=out)
-        out += 4.0
-        out /= 4.0
-        return out
+        return _scaled(out, self._floor)
 
 
 def pad_or_trim(mel: np.ndarray, n_frames: int) -> np.ndarray:
