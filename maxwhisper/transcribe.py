@@ -182,7 +182,6 @@ class TranscribeOptions:
     vad_options: VadOptions | None = None
     clip_timestamps: str | tuple[float, ...] = "0"
 
-
     @property
     def whole_audio(self) -> bool:
         """Whether every sample is transcribed: no VAD, no clips."""
@@ -295,10 +294,14 @@ class DecodingPlan:
     fixed: dict
     cfg: dict
     floor: float | None
+    # The initial prompt is already in each stream's prompt: streams whose options differ
+    # only in it (live streams, each prompted with its own text) decode together.
+    group: TranscribeOptions
 
     @classmethod
     def of(cls, model, options: TranscribeOptions) -> DecodingPlan:
-        """Refuses (ValueError) options that could not decode, before any audio is read."""
+        """Refuses (ValueError) options that could not decode with this model, before any
+        audio is read (`TranscribeOptions` checked the rest when it was made)."""
         o = options
         if o.word_timestamps and o.task == "translate":
             raise ValueError("word_timestamps align the spoken words; they are not available with task='translate'")
@@ -307,14 +310,12 @@ class DecodingPlan:
         search = dict(beam_size=o.beam_size, best_of=o.best_of, patience=o.patience, length_penalty=o.length_penalty)
         fixed = dict(task=o.task, suppress_tokens=o.suppress_tokens, suppress_blank=o.suppress_blank,
                      without_timestamps=o.without_timestamps)
-        for t in temperatures:  # options are checked now, not after the first window
-            _options_at(t, search, **fixed)
         cfg = dict(no_speech_threshold=o.no_speech_threshold, logprob_threshold=o.logprob_threshold,
                    compression_ratio_threshold=o.compression_ratio_threshold, word_timestamps=o.word_timestamps,
                    condition_on_previous_text=o.condition_on_previous_text,
                    prepend_punctuations=o.prepend_punctuations, append_punctuations=o.append_punctuations)
         floor = None if o.silence_threshold_db is None else 10.0 ** (o.silence_threshold_db / 20.0)
-        return cls(o, tok, temperatures, search, fixed, cfg, floor)
+        return cls(o, tok, temperatures, search, fixed, cfg, floor, replace(o, initial_prompt=None))
 
 
 class StreamBatch:
@@ -394,10 +395,7 @@ class StreamBatch:
             return 0
         groups: dict[tuple, list[int]] = {}
         for row, (_, stream, plan, _, _) in enumerate(heard):
-            # The initial prompt is already in each stream's prompt: streams that differ only
-            # in it (live streams, each prompted with its own text) decode together.
-            key = (replace(plan.options, initial_prompt=None), stream.tok.language,
-                   prompt_length(stream.tok, stream.prompt))
+            key = (plan.group, stream.tok.language, prompt_length(stream.tok, stream.prompt))
             groups.setdefault(key, []).append(row)
         for rows in groups.values():
             try:
