@@ -247,7 +247,7 @@ class Stream:
             self._drop(len(self._buffer) - int(0.2 * SAMPLE_RATE))
 
 
-def stream_transcribe_options(model, options: StreamOptions, prompt: tuple[int, ...]):
+def stream_transcribe_options(options: StreamOptions, prompt: tuple[int, ...]):
     """The `TranscribeOptions` of one streaming decoding: greedy and without fallback
     (latency first), word timestamps, the committed text as the prompt."""
     from .transcribe import TranscribeOptions
@@ -258,20 +258,22 @@ def stream_transcribe_options(model, options: StreamOptions, prompt: tuple[int, 
 
 
 def decode_streams(model, requests: list[tuple[StreamOptions, Request]]) -> list[dict]:
-    """Decode the requests of many streams together, in the model's batched decoder."""
-    from .transcribe import transcribe_batch
+    """Decode the requests of many streams together, in one `StreamBatch` (their prompts
+    differ; the rest of their options, and so their decoding group, is shared)."""
+    from .transcribe import DecodingPlan, StreamBatch
 
-    results: list[dict | None] = [None] * len(requests)
-    groups: dict[tuple, list[int]] = {}
-    for i, (options, request) in enumerate(requests):
-        groups.setdefault((options.language, request.prompt), []).append(i)
-    for rows in groups.values():
-        options, request = requests[rows[0]]
-        found = transcribe_batch(model, [requests[r][1].audio for r in rows],
-                                 stream_transcribe_options(model, options, request.prompt), batch_size=len(rows))
-        for index, result in found:
-            results[rows[index]] = result
-    return results
+    batch = StreamBatch(model)
+    batch.admit([(i, request.audio, DecodingPlan.of(model, stream_transcribe_options(options, request.prompt)))
+                 for i, (options, request) in enumerate(requests)])
+    results: dict[int, dict] = {}
+    while True:
+        for key, result in batch.done():
+            if isinstance(result, Exception):
+                raise result
+            results[key] = result
+        if not batch:
+            return [results[i] for i in range(len(requests))]
+        batch.step()
 
 
 def model_stream(model, options: StreamOptions = StreamOptions()) -> Stream:

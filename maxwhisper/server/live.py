@@ -119,7 +119,7 @@ async def _run(server, websocket, model, stream: Stream, options: StreamOptions,
             request = stream.request()
             if request is None:
                 break
-            plan = DecodingPlan.of(model, stream_transcribe_options(model, options, request.prompt))
+            plan = DecodingPlan.of(model, stream_transcribe_options(options, request.prompt))
             job = Job(request.audio, plan, loop)
             server.scheduler.submit(job)
             try:
