@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .writers import write_atomic
+
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".wma",
                               ".aif", ".aiff", ".webm", ".mp4", ".mkv", ".mov"})
 TEXT_MANIFESTS = frozenset({".txt", ".lst", ".list"})
@@ -232,17 +234,6 @@ def _cut_partial_line(path: Path, chunk: int = 1 << 16) -> None:
         f.truncate(0)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """A temporary file in the same directory, renamed over `path`: readers see the old
-    file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_parquet(table_path: Path, rows_per_group: int = 1000) -> Path:
     """The JSONL table as `results.parquet` beside it, read and written a row group at
     a time (pyarrow: installed with the `ray` extra)."""
@@ -270,7 +261,7 @@ def write_parquet(table_path: Path, rows_per_group: int = 1000) -> Path:
                 rows = []
         if rows:
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-    atomic_write_bytes(out, buffer.getvalue())
+    write_atomic(out, buffer.getvalue())
     return out
 
 

@@ -96,14 +96,17 @@ def output_stems(audio_paths: Sequence[str | Path]) -> list[str]:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """The file appears whole or not at all: written beside its target, then renamed."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """The file appears whole or not at all: written beside its target (text as UTF-8),
+    synced, then renamed over it."""
     if path.is_dir():
-        raise OutputError(f"{path}: cannot write the transcript, a directory is in the way")
+        raise OutputError(f"{path}: cannot write the file, a directory is in the way")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
