@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import threading
 import time
 
 import numpy as np
 
+from benchmarks.server_load import _free_port
 from tests.helpers import joined, wer
 
 CLIPS = [["01", "02", "03"], ["04", "05", "06"], ["02", "03", "01"], ["05", "06", "04"],
          ["03", "01", "02"], ["06", "04", "05"], ["01", "03", "05"], ["02", "04", "06"]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(url: str, audio: np.ndarray, frame_s: float = 0.1) -> tuple[list[tuple[float, dict]], float]:
