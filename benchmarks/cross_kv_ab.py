@@ -16,7 +16,6 @@ import numpy as np
 import maxwhisper
 from benchmarks.bench import speech_audio
 from maxwhisper.audio import log_mel_spectrogram
-from maxwhisper.runtime import DecoderState
 
 
 def main() -> None:
@@ -33,10 +32,10 @@ def main() -> None:
     mel = log_mel_spectrogram(speech_audio(30.0), m.spec.audio)[None, :, : m.spec.audio.n_frames]
     _, ck, cv = rt.encode(np.ascontiguousarray(mel, np.float32))[:3]
     _, prompt, _ = rt.decode(np.array([tok.sot_sequence + [tok.no_timestamps]]), rt.start(ck, cv))
-    shared, own = (ck, cv), rt.select_pair((ck, cv), [0] * args.beams)
+    shared, own = [0], [0] * args.beams  # the prompt's cross K/V and prefix rows
 
-    def steps(cross):
-        state = DecoderState(prompt.self_k, prompt.self_v, *cross, prompt.length)
+    def steps(rows):
+        state = rt.windows(prompt, rows)
         order, tokens = np.zeros(args.beams, np.int64), np.full((args.beams, 1), tok.encode(" the")[0])
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -46,11 +45,11 @@ def main() -> None:
 
     times = {"shared": [], "own copy": []}
     for _ in range(args.repeats):
-        for name, cross in (("shared", shared), ("own copy", own)):
-            ms, _ = steps(cross)
+        for name, rows in (("shared", shared), ("own copy", own)):
+            ms, _ = steps(rows)
             times[name].append(ms)
     diff = float(np.abs(steps(shared)[1] - steps(own)[1]).max())
-    print(f"{args.model} {args.dtype}, {args.beams} beams: ms per step " +
+    print(f"{args.model} {args.precision}, {args.beams} beams: ms per step " +
           ", ".join(f"{k} {np.median(v):.2f}" for k, v in times.items()) + f"; max logit difference {diff:.2e}")
 
 

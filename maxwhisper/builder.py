@@ -244,14 +244,14 @@ def alignment_heads(spec: ModelSpec) -> list[tuple[int, int]]:
 
 
 def _by_window(x: TensorValue, windows) -> TensorValue:
-    """(B, T, D) rows, grouped by window in equal runs, -> (W, B/W * T, D): a window's
+    """(B, T, ...) rows, grouped by window in equal runs, -> (W, B/W * T, ...): a window's
     rows (its beams) attend to its cross K/V together, which each step then reads once
     per window instead of once per row."""
     if x.shape[0] == windows:
         return x
-    b, t, d = x.shape
+    b, t, *rest = x.shape
     group = b // windows
-    return x.rebind([group * windows, t, d]).reshape([windows, group * t, d])
+    return x.rebind([group * windows, t, *rest]).reshape([windows, group * t, *rest])
 
 
 def _by_row(x: TensorValue, b, t) -> TensorValue:
@@ -269,13 +269,50 @@ def _alignment_rows(scores: TensorValue, b, t) -> TensorValue:
     return _by_row(scores.permute([0, 2, 1, 3]), b, t).permute([0, 2, 1, 3])
 
 
+def _window_heads(x: TensorValue, windows) -> TensorValue:
+    """`_alignment_rows`' inverse: (B, heads, T, S) -> (W, heads, B/W * T, S)."""
+    if x.shape[0] == windows:
+        return x
+    return _by_window(x.permute([0, 2, 1, 3]), windows).permute([0, 2, 1, 3])
+
+
+def _attention_after_prefix(q: TensorValue, k: TensorValue, v: TensorValue, prefix, n_head: int,
+                            mask: TensorValue) -> TensorValue:
+    """Self-attention of (B, T, D) queries over their window's prefix, (W, P, D) keys
+    and values shared by the window's rows, then over the row's own (B, S, D) keys and
+    values with `mask` (T, S): one softmax over both. The prefix (the prompt) is the
+    same for a window's beams, so it is read once per window and never copied to grow
+    the cache or follow a beam's reordering; only the tokens decoded since move."""
+    pk, pv = prefix
+    b, t, d = q.shape
+    windows = pk.shape[0]
+    own = _window_heads(_scores(q, k, n_head) + mask, windows)             # (W, H, gT, S)
+    scores = ops.concat([_scores(_by_window(q, windows), pk, n_head), own], axis=3)
+    probs = ops.softmax(scores)
+    n, s = pk.shape[1], k.shape[1]
+    bounds = [ops.shape_to_tensor([x]).reshape([]) for x in (0 * n, n, n + s)]
+    every = [slice(None)] * 3
+    p_prefix = ops.slice_tensor(probs, [*every, (slice(bounds[0], bounds[1]), n)])
+    p_own = ops.slice_tensor(probs, [*every, (slice(bounds[1], bounds[2]), s)])
+    # MAX 26.7's CPU matmul leaves its output unwritten when the inner dimension is 0:
+    # the prompt pass, whose prefix is empty, skips the product.
+    heads = _heads(pv, n_head)
+    shape = [windows, heads.shape[1], probs.shape[2], heads.shape[3]]
+    zero = ops.broadcast_to(ops.constant(0.0, q.dtype, q.device), shape)
+    out = ops.cond(bounds[1] > 0, [TensorType(q.dtype, shape, q.device)],
+                   lambda: _bmm(p_prefix, heads, q.dtype), lambda: zero)[0].tensor
+    out = out + _window_heads(_bmm(_alignment_rows(p_own, b, t), _heads(v, n_head), q.dtype), windows)
+    return _by_row(out.transpose(1, 2).reshape([windows, out.shape[2], d]), b, t)
+
+
 def residual_block(w: Weights, spec: ModelSpec, part: str, x: TensorValue, self_kv=None,
                    mask: TensorValue | None = None, cross: tuple[TensorValue, TensorValue] | None = None,
-                   on_cross=None) -> TensorValue:
+                   on_cross=None, prefix: tuple[TensorValue, TensorValue] | None = None) -> TensorValue:
     """One block of `part` ("encoder" or "decoder"): x + f(ln(x)) for each sublayer of
     its `block`, weights named from the layer's prefix. Self-attention attends over
     `self_kv(k, v)` of its new keys and values (how a cache is kept is the caller's;
-    default: just them), `mask` added to its scores. Cross-attention attends over
+    default: just them), `mask` added to its scores, after `prefix`, (W, P, D) keys and
+    values that each window's rows share, if given. Cross-attention attends over
     `cross`, (W, S, D) K and V with one row per window, the B rows grouped by window
     in runs of B/W (one row each, or a window's beams); `on_cross(q, k)` observes its
     queries."""
@@ -290,7 +327,8 @@ def residual_block(w: Weights, spec: ModelSpec, part: str, x: TensorValue, self_
         if kind == "self_attention":
             k, v = _linear(w, f"{p}.key", h, bias=False), _linear(w, f"{p}.value", h)
             k, v = self_kv(k, v) if self_kv else (k, v)
-            o = _attention(w, q, k, v, sizes.n_head, mask)
+            o = (_attention(w, q, k, v, sizes.n_head, mask) if prefix is None
+                 else _attention_after_prefix(q, k, v, prefix, sizes.n_head, mask))
         else:
             k, v = cross
             o = _by_row(_attention(w, _by_window(q, k.shape[0]), k, v, sizes.n_head), *q.shape[:2])
@@ -368,17 +406,18 @@ def logits_head(w: Weights, spec: ModelSpec, x: TensorValue, at: TensorValue | N
 
 def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: bool) -> Graph:
     """The decoder step's block: (x (B, T, D), cached K and V (B, P, D), cross K and V
-    (W, S, D), the causal mask (T, KV)) -> (x, the cache grown to KV = P + T, and with
-    `alignment` every head's scaled cross-attention scores (B, H, T, S) float32).
-    MAX 26.7 admits no dimension expressions in a subgraph's signature, so the grown
-    length comes in as the mask's own dimension."""
+    (W, S, D), the prefix's K and V (W, N, D), the causal mask (T, KV)) -> (x, the cache
+    grown to KV = P + T, and with `alignment` every head's scaled cross-attention scores
+    (B, H, T, S) float32). MAX 26.7 admits no dimension expressions in a subgraph's
+    signature, so the grown length comes in as the mask's own dimension."""
     dec, dt, dev = spec.decoder, options.dtype, options.device
     rows = TensorType(dt, ["batch", "seq", dec.n_state], dev)
     cache = TensorType(dt, ["batch", "past", dec.n_state], dev)
     cross = TensorType(dt, ["windows", "audio", dec.n_state], dev)
+    prefix = TensorType(dt, ["windows", "prefix", dec.n_state], dev)
     mask = TensorType(DType.float32, ["seq", "kv"], dev)
 
-    def body(w, x, past_k, past_v, cross_k, cross_v, mask):
+    def body(w, x, past_k, past_v, cross_k, cross_v, prefix_k, prefix_v, mask):
         grown, scores = [], []
 
         def self_kv(k, v):
@@ -389,11 +428,13 @@ def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: 
         def on_cross(q, k):
             scores.append(_alignment_rows(_scores(_by_window(q, k.shape[0]), k, dec.n_head), *q.shape[:2]))
 
-        x = residual_block(w, spec, "decoder", x, self_kv, mask, (cross_k, cross_v), on_cross if alignment else None)
+        x = residual_block(w, spec, "decoder", x, self_kv, mask, (cross_k, cross_v), on_cross if alignment else None,
+                           (prefix_k, prefix_v))
         return [x, *grown, *scores]
 
     name = "decoder_block" + ("_alignment" if alignment else "")
-    return _subgraph(g, name, spec, options, "decoder.blocks.0.", [rows, cache, cache, cross, cross, mask], body)
+    return _subgraph(g, name, spec, options, "decoder.blocks.0.",
+                     [rows, cache, cache, cross, cross, prefix, prefix, mask], body)
 
 
 def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), alignment: bool = False,
@@ -402,9 +443,11 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
 
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
     continues, self K and V (L, B0, P, D), cross K and V (L, W, S, D) of the W windows
-    whose rows (B = W x group, grouped by window) these are, logits_at (K,) int64: the
-    positions of T to give logits for, (B, K, V). The caller keeps
-    P + T <= decoder.n_ctx (the runtime checks it). Taps imply `alignment`.
+    whose rows (B = W x group, grouped by window) these are, the prefix's K and V
+    (L, W, N, D): positions before the cache's, one row per window (N may be 0),
+    logits_at (K,) int64: the positions of T to give logits for, (B, K, V). The tokens
+    sit at positions N + P ...; the caller keeps N + P + T <= decoder.n_ctx (the runtime
+    checks it). Taps imply `alignment`.
     """
     device, dtype = options.device, options.dtype
     dec = spec.decoder
@@ -416,6 +459,8 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
              TensorType(dtype, [L, "cache_batch", "past", D], device),
              TensorType(dtype, [L, "windows", "audio", D], device),
              TensorType(dtype, [L, "windows", "audio", D], device),
+             TensorType(dtype, [L, "windows", "prefix", D], device),
+             TensorType(dtype, [L, "windows", "prefix", D], device),
              TensorType(DType.int64, ["keep"], device)]
     names, extra = ["logits", "self_k", "self_v"], []
     heads_by_layer: dict[int, list[int]] = {}
@@ -425,19 +470,19 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
     with Graph(name, input_types=types, module=module) as g:
         block = _decoder_block(g, spec, options, alignment)  # first, as in encoder_graph
         w = Weights(g, spec, options)
-        tokens, order, self_k, self_v, cross_k, cross_v, logits_at = (v.tensor for v in g.inputs)
+        tokens, order, self_k, self_v, cross_k, cross_v, prefix_k, prefix_v, logits_at = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)
-        t, p = tokens.shape[1], self_k.shape[2]
-        start = ops.shape_to_tensor([p]).reshape([])
-        stop = ops.shape_to_tensor([p + t]).reshape([])
+        t, p, n = tokens.shape[1], self_k.shape[2], prefix_k.shape[2]
+        start = ops.shape_to_tensor([n + p]).reshape([])
+        stop = ops.shape_to_tensor([n + p + t]).reshape([])
         pos = ops.slice_tensor(w("decoder.positional_embedding"), [(slice(start, stop), t), slice(None)])
         x = embed_tokens(w, tokens) + pos
         mask = _causal_mask(t, p, device).rebind([t, "kv"])
         new_k, new_v, qks = [], [], []
         for i in range(L):
-            x, k, v, *scores = _call(block, x, self_k[i], self_v[i], cross_k[i], cross_v[i], mask,
-                                     prefix=f"decoder.blocks.{i}.")
+            x, k, v, *scores = _call(block, x, self_k[i], self_v[i], cross_k[i], cross_v[i], prefix_k[i],
+                                     prefix_v[i], mask, prefix=f"decoder.blocks.{i}.")
             new_k.append(k.rebind([k.shape[0], p + t, D]))
             new_v.append(v.rebind([v.shape[0], p + t, D]))
             if i in heads_by_layer:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .runtime import CompiledWhisper, DecoderState
+from .runtime import CompiledWhisper
 from .tokenizer import WhisperTokenizer
 
 NEG_INF = -np.inf
@@ -300,9 +300,11 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     rng = np.random.default_rng(opts.seed)
     max_candidates = round(group * (opts.patience or 1.0)) if opts.beam_size else group
 
-    state = model.start(cross_k, cross_v)
     # Logits at two positions only: <|startoftranscript|> (no-speech) and the last.
-    logits, state, _ = model.decode(np.array(prefixes, np.int64), state, logits_at=[sot_index, -1])
+    # The prompt's K/V become the windows' shared prefix (runtime.DecoderState).
+    logits, state, _ = model.decode(np.array(prefixes, np.int64), model.start(cross_k, cross_v),
+                                    logits_at=[sot_index, -1])
+    prompted = state
     no_speech = np.exp(log_softmax(logits[:, 0])[:, tok.no_speech])
     if group == 1 and opts.temperature == 0 and model.greedy_on_device:
         tokens, sums = model.greedy(logits[:, -1], state, rules.always, rules.begin, sample_len,
@@ -328,8 +330,7 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
         order = source[keep] if step == 0 else keep  # step 0 continues the prompt's cache rows
         needed = _cross_rows(rows.window)
         if not np.array_equal(needed, cross_windows):  # a window finished, or groups became unequal
-            ck, cv = model.select_pair((cross_k, cross_v), needed)
-            state = DecoderState(state.self_k, state.self_v, ck, cv, state.length)
+            state = model.windows(state, needed, of=prompted)
             cross_windows = needed
         logits, state, _ = model.decode(nxt[:, None], state, order=order)
         logits = logits[:, -1]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from max.driver import CPU, Accelerator, Buffer, accelerator_count
@@ -44,14 +44,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecoderState:
-    """One batch's self-attention cache, (L, B, P, D) device buffers."""
+    """One batch's decoder state on the device: the self-attention cache of each row,
+    (L, B, P, D); per row of the cross K/V (L, W, S, D), the K/V of a prefix, (L, W, N, D),
+    the positions before the cache's that a window's rows share (the prompt: a prompt
+    pass from `start` keeps its K/V there when it has one row per window); `length`,
+    N + P."""
     self_k: Buffer
     self_v: Buffer
     cross_k: Buffer
     cross_v: Buffer
     length: int
+    prefix_k: Buffer | None = None
+    prefix_v: Buffer | None = None
 
 
 class CompiledWhisper:
@@ -143,7 +149,16 @@ class CompiledWhisper:
         """An empty self-attention cache for the batch that `cross_k` belongs to."""
         L, b, _, d = cross_k.shape
         empty = Buffer.zeros((L, b, 0, d), self.dtype, self.device)
-        return DecoderState(empty, empty, cross_k, cross_v, 0)
+        return DecoderState(empty, empty, cross_k, cross_v, 0, empty, empty)
+
+    def windows(self, state: DecoderState, rows, of: DecoderState | None = None) -> DecoderState:
+        """`state` with the cross K/V and prefix rows `rows` of `of` (default: of
+        `state`): the windows whose rows the next steps decode, one row each, or each
+        row its window's when windows have unequal numbers of rows."""
+        of = of or state
+        ck, cv = self.select_pair((of.cross_k, of.cross_v), rows)
+        pk, pv = self.select_pair((of.prefix_k, of.prefix_v), rows)
+        return replace(state, cross_k=ck, cross_v=cv, prefix_k=pk, prefix_v=pv)
 
     def select(self, x: Buffer, rows) -> Buffer:
         """Rows of a stacked (L, B, S, D) buffer, on the device: keep only the unfinished
@@ -168,8 +183,8 @@ class CompiledWhisper:
         return self._step(self._decoder, tokens, state, order, logits_at)
 
     def align(self, tokens: np.ndarray, state: DecoderState) -> tuple[np.ndarray, np.ndarray]:
-        """One pass of the alignment decoder: logits (B, T, V) and the alignment heads'
-        scaled cross-attention scores (B, heads, T, S)."""
+        """One pass of the alignment decoder over a state from `start`: logits (B, T, V)
+        and the alignment heads' scaled cross-attention scores (B, heads, T, S)."""
         logits, _, extra = self._step(self._alignment_decoder(), tokens, state, None, None)
         return logits, extra[-1].to_numpy()
 
@@ -182,8 +197,12 @@ class CompiledWhisper:
         if state.length + max_new > self.spec.decoder.n_ctx or max_new < 1:
             raise ValueError(f"{state.length} prompt + {max_new} new tokens must fit the text context "
                              f"of {self.spec.decoder.n_ctx}")
+        # The loop keeps one cache per row: the prompt's (one row per window) or the rows'.
+        if state.prefix_k.shape[2] and state.self_k.shape[2]:
+            raise ValueError("greedy decoding continues a prompt pass, not a state with steps after it")
+        k, v = (state.prefix_k, state.prefix_v) if state.prefix_k.shape[2] else (state.self_k, state.self_v)
         tokens, sum_logprob, n = self._greedy_loop(eot, timestamp_begin).execute(
-            self._put(first_logits.astype(np.float32)), state.self_k, state.self_v, state.cross_k, state.cross_v,
+            self._put(first_logits.astype(np.float32)), k, v, state.cross_k, state.cross_v,
             self._put(suppress.astype(np.float32)), self._put(begin.astype(np.float32)),
             Buffer.from_numpy(np.array(max_new, np.int64)))
         return tokens.to_numpy()[:, : int(n.to_numpy())], sum_logprob.to_numpy()
@@ -229,6 +248,13 @@ class CompiledWhisper:
         if at.size and (at.min() < -t or at.max() >= t):
             raise ValueError(f"logits_at must be positions of the {t} new tokens, found {at.tolist()}")
         logits, k, v, *taps = graph.execute(self._put(tokens), self._put(order), state.self_k, state.self_v,
-                                            state.cross_k, state.cross_v, self._put(at % max(t, 1)))
-        state = DecoderState(k, v, state.cross_k, state.cross_v, state.length + tokens.shape[1])
-        return logits.to_numpy(), state, taps
+                                            state.cross_k, state.cross_v, state.prefix_k, state.prefix_v,
+                                            self._put(at % max(t, 1)))
+        length = state.length + tokens.shape[1]
+        if state.length == 0 and tokens.shape[0] == windows and np.array_equal(order, np.arange(windows)):
+            # A prompt pass, one row per window: its K/V become the prefix that the
+            # window's rows (beams, samples) share from here on.
+            empty = Buffer.zeros((k.shape[0], windows, 0, k.shape[3]), self.dtype, self.device)
+            return logits.to_numpy(), replace(state, self_k=empty, self_v=empty, prefix_k=k, prefix_v=v,
+                                              length=length), taps
+        return logits.to_numpy(), replace(state, self_k=k, self_v=v, length=length), taps

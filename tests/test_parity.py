@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from helpers import get_spec, record_parity, reference_model, shared_compiled, shared_reference
-from maxwhisper.runtime import DecoderState
 
 torch = pytest.importorskip("torch", reason="needs the PyTorch reference: pip install -e '.[test]'")
 F = torch.nn.functional
@@ -133,9 +132,7 @@ def test_rows_reorder_and_drop_inside_the_step(parity_case):
     _, state, _ = compiled.decode(tokens[:, :6], compiled.start(ck, cv))
     want, _, _ = compiled.decode(tokens[:, 6:7], state)
     for order in ([1, 0], [0, 0, 1], [1]):
-        sub = DecoderState(state.self_k, state.self_v, compiled.select(ck, order), compiled.select(cv, order),
-                           state.length)
-        got, new, _ = compiled.decode(tokens[order, 6:7], sub, order=order)
+        got, new, _ = compiled.decode(tokens[order, 6:7], compiled.windows(state, order), order=order)
         if len(order) > 1 or compiled.device_name != "cpu":
             np.testing.assert_array_equal(got, want[order])
         else:
@@ -154,9 +151,7 @@ def test_a_windows_rows_share_its_cross_kv(parity_case):
     order = np.array([0, 0, 0, 1, 1, 1])
     nxt = np.random.default_rng(2).integers(0, spec.vocab.n_vocab, size=(6, 1))
     got, _, got_taps = compiled.decode(nxt, state, order=order)
-    own = DecoderState(state.self_k, state.self_v, compiled.select(ck, order), compiled.select(cv, order),
-                       state.length)
-    want, _, want_taps = compiled.decode(nxt, own, order=order)
+    want, _, want_taps = compiled.decode(nxt, compiled.windows(state, order), order=order)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     qk = compiled.decoder_outputs.index("alignment_qk") - 3
     np.testing.assert_allclose(got_taps[qk].to_numpy(), want_taps[qk].to_numpy(), rtol=0,
@@ -180,7 +175,7 @@ def test_logits_at_chosen_positions(parity_case):
     got, state, _ = compiled.decode(tokens, compiled.start(ck, cv), logits_at=[3, -1, 0])
     assert got.shape == (tokens.shape[0], 3, spec.vocab.n_vocab)
     np.testing.assert_allclose(got, full[:, [3, -1, 0]], rtol=0, atol=1e-5 * np.abs(full).max())
-    np.testing.assert_array_equal(state.self_k.to_numpy(), full_state.self_k.to_numpy())
+    np.testing.assert_array_equal(state.prefix_k.to_numpy(), full_state.prefix_k.to_numpy())
     with pytest.raises(ValueError, match=r"logits_at must be positions of the 12 new tokens, found \[12\]"):
         compiled.decode(tokens, compiled.start(ck, cv), logits_at=[12])
 
@@ -197,7 +192,7 @@ def test_kv_cache_incremental_equals_full(parity_case, split):
         pieces.append(logits)
         at += n
     assert state.length == tokens.shape[1]
-    assert state.self_k.shape[2] == tokens.shape[1]
+    assert state.prefix_k.shape[2] == split[0] and state.self_k.shape[2] == tokens.shape[1] - split[0]
     inc = np.concatenate(pieces, axis=1)
     rel = float(np.max(np.abs(inc - full)) / np.max(np.abs(full)))
     assert rel <= REL_TOL, f"{name} split {split}: incremental differs from full by {rel:.2e}"
