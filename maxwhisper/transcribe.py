@@ -13,7 +13,8 @@ import numpy as np
 from .audio import Spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
 from .hallucination import end_of, skip_silence
-from .spans import Timeline, clip_spans, merged, parse_clip_timestamps, speech_sections, speech_spans
+from .spans import (Joined, Timeline, clip_spans, merged, parse_clip_timestamps, probabilities, speech_sections,
+                    speech_spans)
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import WhisperTokenizer
 from .vad import VadOptions
@@ -54,8 +55,8 @@ class _Stream:
     """One audio's walk through its 30 s windows: where it is, what it said, and the
     previous text that prompts its next window."""
 
-    def __init__(self, model, audio: np.ndarray | Spectrogram, tok, initial_prompt: str | tuple[int, ...] | None,
-                 floor: float | None):
+    def __init__(self, model, audio: np.ndarray | Spectrogram | Joined, tok,
+                 initial_prompt: str | tuple[int, ...] | None, floor: float | None):
         self.spectrogram = audio if isinstance(audio, Spectrogram) else Spectrogram(audio, model.spec.audio)
         self.tok, self.floor = tok, floor
         self.content_frames = self.spectrogram.content_frames
@@ -472,18 +473,24 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: Tran
 
     def parts():
         for index, audio in enumerate(audios):
-            if isinstance(audio, Spectrogram):  # the VAD reads the whole audio at once
-                audio = audio.audio()
-            frames_of[index], reported[index] = audio.size // hop, 0
-            spans = clip_spans(clips, audio.size, rate)
-            if sectioned:
-                lines = speech_sections(audio, spans, vad, rate, batch_size)
+            # A file is read block by block: by the VAD once, then each part when it is decoded.
+            if isinstance(audio, Spectrogram):
+                source, n_samples = audio.source, audio.n_samples
             else:
-                lines = [Timeline(tuple(speech_spans(audio, spans, vad) if o.vad_filter else spans), rate)]
+                source = np.asarray(audio, np.float32).reshape(-1)
+                n_samples = source.size
+            frames_of[index], reported[index] = n_samples // hop, 0
+            spans = clip_spans(clips, n_samples, rate)
+            if sectioned:
+                lines = speech_sections(probabilities(source, spans), spans, vad, rate, batch_size)
+            elif o.vad_filter:
+                lines = [Timeline(tuple(speech_spans(probabilities(source, spans), spans, vad)), rate)]
+            else:
+                lines = [Timeline(tuple(spans), rate)]
             timelines[index] = lines or [Timeline((), rate)]  # no speech: an empty part, no words
             for k, line in enumerate(timelines[index]):
                 owner.append((index, k))
-                yield line.join(audio)
+                yield line.joined(source)
 
     def report(index: int, frames: int) -> None:
         frames = min(frames, frames_of[index] - reported[index])
