@@ -1,6 +1,7 @@
 """`hallucination_silence_threshold` (tiny.en, real weights) against openai-whisper's
 `transcribe()` on the same weights: an utterance, noise, an utterance, and noise in
-which tiny.en makes up a sentence that the option drops; the same segments either way,
+which tiny.en makes up a sentence that the option drops, or an utterance that runs past
+a window's end, where the option moves the next window; the same segments either way,
 whether the audio is decoded alone or beside another."""
 
 from __future__ import annotations
@@ -27,13 +28,21 @@ def _brown(n: int, dbfs: float, seed: int) -> np.ndarray:
     return (x / np.sqrt(np.mean(x ** 2)) * 10 ** (dbfs / 20)).astype(np.float32)
 
 
+def _case(first: str, noise_s: int, second: str, tail_s: int) -> np.ndarray:
+    """A clip, brown noise at -20 dBFS, another clip, more of the noise."""
+    noise = _brown((noise_s + tail_s) * RATE, -20, seed=0)
+    return np.concatenate([load_audio(SPEECH_DIR / f"{first}.wav"), noise[: noise_s * RATE],
+                           load_audio(SPEECH_DIR / f"{second}.wav"), noise[noise_s * RATE:]])
+
+
+# "made up": tiny.en hears a sentence in the last noise (after 60 s); "across a window":
+# the second clip runs past the window that starts at 30 s.
+CASES = {"made up": ("01", 35, "03", 15), "across a window": ("01", 45, "03", 5)}
+
+
 @pytest.fixture(scope="module")
 def noisy():
-    """Clip 01, 35 s of brown noise, clip 03, 15 s more: tiny.en hears a sentence in
-    the last noise."""
-    noise = _brown(50 * RATE, -20, seed=0)
-    return np.concatenate([load_audio(SPEECH_DIR / "01.wav"), noise[: 35 * RATE], load_audio(SPEECH_DIR / "03.wav"),
-                           noise[35 * RATE:]])
+    return _case(*CASES["made up"])
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +62,26 @@ def _assert_same(ours: list[tuple], theirs: list[tuple]) -> None:
     assert [t for s in ours for t in s[2:]] == pytest.approx([t for s in theirs for t in s[2:]], abs=1e-6)
 
 
-@pytest.mark.parametrize("threshold", [2.0, 0.5])
-def test_the_threshold_gives_openai_whispers_segments(tiny_en, openai_transcribe, noisy, threshold):
-    ours = tiny_en.transcribe(noisy, hallucination_silence_threshold=threshold, **GREEDY)
-    theirs = openai_transcribe(noisy, hallucination_silence_threshold=threshold, **GREEDY)
+@pytest.mark.parametrize("case, threshold", [("made up", 2.0), ("made up", 0.5), ("across a window", 2.0)])
+def test_the_threshold_gives_openai_whispers_segments(tiny_en, openai_transcribe, case, threshold):
+    audio = _case(*CASES[case])
+    ours = tiny_en.transcribe(audio, hallucination_silence_threshold=threshold, **GREEDY)
+    theirs = openai_transcribe(audio, hallucination_silence_threshold=threshold, **GREEDY)
     _assert_same(_said(ours), _said(theirs))
     words = [(w["word"], w["start"], w["end"]) for s in ours["segments"] for w in s["words"]]
     assert words == [(w["word"], pytest.approx(w["start"], abs=1e-6), pytest.approx(w["end"], abs=1e-6))
                      for s in theirs["segments"] for w in s["words"]]
     assert ours["text"] == theirs["text"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_threshold_changes_the_segments_where_openai_whispers_does(tiny_en, openai_transcribe, case):
+    audio = _case(*CASES[case])
+    ours, theirs = [[_said(f(audio, hallucination_silence_threshold=t, **GREEDY), spoken_only=True)
+                     for t in (None, 2.0)] for f in (tiny_en.transcribe, openai_transcribe)]
+    assert theirs[0] != theirs[1]
+    _assert_same(ours[0], theirs[0])
+    _assert_same(ours[1], theirs[1])
 
 
 def test_the_threshold_drops_the_sentence_made_up_in_noise(tiny_en, openai_transcribe, noisy):
