@@ -344,12 +344,6 @@ class Spectrogram:
         """What the samples are read from: the array, or the `AudioFile` (or other source)."""
         return self._source
 
-    def audio(self) -> np.ndarray:
-        """All the samples, in memory."""
-        if isinstance(self._source, np.ndarray):
-            return self._source
-        return np.concatenate([np.zeros(0, np.float32), *self._blocks()])
-
     def _at(self, seek: int) -> _Reader:
         """The second pass's reader, moved on to `seek`: what lies before it is forgotten."""
         if self._reader is None or self._reader_start > seek:
