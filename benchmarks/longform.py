@@ -12,10 +12,11 @@ them, as it does by default), language English. Precision classes: float32 again
 float32, and our q4_0 against faster-whisper's int8. Each system transcribes a 30 s
 clip first (warm-up), then the recording once; the load is not in the time.
 
-`--rss-hours` transcribes an hour of generated audio (silence with low noise, one
-utterance a minute) with the VAD and batching in a new process and reports its peak
-resident memory, and the peak before it began (model loaded, samples in memory; then
-the VAD loaded too).
+`--rss-hours` writes that many hours of generated audio (silence with low noise, one
+utterance a minute) as a 16-bit WAV file and transcribes it in a new process each: the
+file with the VAD and batching, the file without the VAD, and the samples in memory
+with the VAD; it reports each one's peak resident memory, and the peak before it began
+(model, VAD and input loaded), as rows of the table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -149,23 +150,25 @@ def table(report: dict) -> str:
 
 RSS_CHILD = """
 import json, resource, sys, time
-import numpy as np
 sys.path.insert(0, {root!r})
-from benchmarks.longform import hour_audio
 import maxwhisper
-m = maxwhisper.load_model({model!r}, device="cpu")
-audio = hour_audio({hours!r})
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from maxwhisper.vad import detector
+m = maxwhisper.load_model({model!r}, device="cpu")
 detector()
-vad = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if {source!r} == "array":
+    from benchmarks.longform import hour_audio
+    audio = hour_audio({hours!r})
+else:
+    audio = {path!r}
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
-out = m.transcribe(audio, vad_filter=True, batch_size={batch!r}, language="en")
-print(json.dumps(dict(seconds=time.perf_counter() - t, audio_s=audio.size / 16000, loaded_mib=loaded / 1024,
-                      vad_loaded_mib=vad / 1024,
+out = m.transcribe(audio, vad_filter={vad!r}, batch_size={batch!r}, language="en")
+print(json.dumps(dict(seconds=time.perf_counter() - t, loaded_mib=loaded / 1024,
                       peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      audio_mib=audio.nbytes / 2 ** 20, segments=len(out["segments"]))))
+                      segments=len(out["segments"]))))
 """
+# (input, VAD): the file with the VAD, the same file without it, the samples with it.
+RSS_RUNS = (("file", True), ("file", False), ("array", True))
 
 
 def hour_audio(hours: float) -> np.ndarray:
@@ -183,9 +186,30 @@ def hour_audio(hours: float) -> np.ndarray:
 
 
 def rss(model: str, hours: float, batch: int) -> dict:
-    code = RSS_CHILD.format(root=str(ROOT), model=model, hours=hours, batch=batch)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Peak resident memory of `hours` of `hour_audio`, each of `RSS_RUNS` in a new
+    process, the file written as 16-bit PCM WAV."""
+    import tempfile
+
+    import soundfile as sf
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "hours.wav")
+        audio = hour_audio(hours)
+        sf.write(path, audio, RATE, subtype="PCM_16")
+        report = dict(model=model, hours=hours, batch=batch, audio_s=audio.size / RATE,
+                      samples_mib=audio.nbytes / 2 ** 20, file_mib=os.path.getsize(path) / 2 ** 20, runs=runs)
+        del audio
+        for source, vad in RSS_RUNS:
+            code = RSS_CHILD.format(root=str(ROOT), model=model, hours=hours, batch=batch, source=source, path=path,
+                                    vad=vad)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            runs.append(dict(source=source, vad=vad, **json.loads(out.stdout.strip().splitlines()[-1])))
+            print(f"{model}, {hours:g} h, {source}, {'VAD, batch ' + str(batch) if vad else 'no VAD'}: peak RSS "
+                  f"{runs[-1]['peak_mib']:.0f} MiB (before transcribing, model, VAD and input loaded: "
+                  f"{runs[-1]['loaded_mib']:.0f} MiB), {runs[-1]['seconds']:.0f} s, "
+                  f"{runs[-1]['segments']} segments", file=sys.stderr, flush=True)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,11 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rss_hours:
         report = rss(args.model, args.rss_hours, args.batch_size)
-        print(f"{args.model}, {report['audio_s'] / 3600:.1f} h, VAD, batch {args.batch_size}: peak RSS "
-              f"{report['peak_mib']:.0f} MiB (before transcribing, with the model loaded and the samples "
-              f"({report['audio_mib']:.0f} MiB) in memory: {report['loaded_mib']:.0f} MiB; with the VAD loaded too: "
-              f"{report['vad_loaded_mib']:.0f} MiB), "
-              f"{report['seconds']:.0f} s, {report['segments']} segments")
+        for r in report["runs"]:
+            print(f"| {report['audio_s'] / 60:.0f} min | {r['source']} | "
+                  f"{'batch ' + str(report['batch']) if r['vad'] else 'no VAD'} | {r['loaded_mib']:.0f} MiB | "
+                  f"{r['peak_mib']:.0f} MiB | {r['seconds']:.0f} s |")
     else:
         report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads)
         print(table(report))

@@ -49,11 +49,14 @@ class AudioFile:
             info = sf.info(str(self.path))
             self._rate, self._ffmpeg = info.samplerate, False
             self.duration = info.frames / info.samplerate
+            # Lossless and at the wanted rate: a seek lands on the very samples a full read gives.
+            self._seekable = self._rate == sample_rate and (
+                info.format == "FLAC" or info.subtype.startswith("PCM") or info.subtype in ("FLOAT", "DOUBLE"))
         except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
             if not shutil.which("ffmpeg"):
                 raise AudioError(f"{self.path}: not a readable audio file ({e}); formats beyond WAV/FLAC/OGG "
                                  "need ffmpeg installed") from None
-            self._rate, self._ffmpeg, self.duration = sample_rate, True, None
+            self._rate, self._ffmpeg, self.duration, self._seekable = sample_rate, True, None, False
         if self._rate <= 0:
             raise AudioError(f"{self.path}: the file declares a sample rate of {self._rate} Hz")
 
@@ -73,6 +76,31 @@ class AudioFile:
             raise AudioError(f"{self.path}: the audio is empty (zero samples)")
         if resampler is not None:
             yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+    def pieces(self, spans: list[tuple[int, int]]):
+        """(k, samples) of each span [start, end) in turn (samples at `sample_rate`, sorted
+        spans that do not overlap), block by block: a lossless file at that rate seeks to
+        each span; any other is read once from its start."""
+        if not self._seekable:
+            yield from slice_blocks(self.blocks(), spans)
+            return
+        import soundfile as sf
+
+        try:
+            with sf.SoundFile(str(self.path)) as f:
+                for k, (start, end) in enumerate(spans):
+                    f.seek(start)
+                    at = start
+                    while at < end:
+                        block = f.read(min(BLOCK_SAMPLES, end - at), dtype="float32", always_2d=True)
+                        if not len(block):
+                            break
+                        yield k, _checked(block, str(self.path), at)
+                        at += len(block)
+        except AudioError:
+            raise
+        except Exception as e:
+            raise AudioError(f"{self.path}: unreadable part in the audio data ({e})") from None
 
     def _soundfile_blocks(self):
         import soundfile as sf
@@ -95,6 +123,24 @@ class AudioFile:
             err = proc.stderr.read().decode(errors="replace").strip()
             if proc.wait():
                 raise AudioError(f"{self.path}: not a readable audio file (ffmpeg: {err[:200]})")
+
+
+def slice_blocks(blocks, spans: list[tuple[int, int]]):
+    """(k, samples) of each span [start, end) of the samples that `blocks` yields in
+    turn (sorted spans that do not overlap), read in one pass that stops after the last."""
+    k, at = 0, 0
+    for block in blocks:
+        while k < len(spans):
+            start, end = spans[k]
+            lo, hi = max(start - at, 0), min(end - at, len(block))
+            if hi > lo:
+                yield k, block[lo:hi]
+            if end > at + len(block):
+                break
+            k += 1
+        at += len(block)
+        if k == len(spans):
+            return
 
 
 def _mono(a: np.ndarray, source: str) -> np.ndarray:
@@ -293,11 +339,10 @@ class Spectrogram:
     def duration(self) -> float:
         return self.n_samples / self.spec.sample_rate
 
-    def audio(self) -> np.ndarray:
-        """All the samples, in memory."""
-        if isinstance(self._source, np.ndarray):
-            return self._source
-        return np.concatenate([np.zeros(0, np.float32), *self._blocks()])
+    @property
+    def source(self):
+        """What the samples are read from: the array, or the `AudioFile` (or other source)."""
+        return self._source
 
     def _at(self, seek: int) -> _Reader:
         """The second pass's reader, moved on to `seek`: what lies before it is forgotten."""

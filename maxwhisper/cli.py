@@ -272,6 +272,9 @@ def _decoding_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --word-timestamps, merge these symbols into the next word")
     p.add_argument("--append-punctuations", default=d.append_punctuations,
                    help="with --word-timestamps, merge these symbols into the previous word")
+    p.add_argument("--hallucination-silence-threshold", type=float, default=d.hallucination_silence_threshold,
+                   help="with --word-timestamps, drop words that look made up and stand in more silence "
+                        "than this many seconds, and skip the silence before them (default: off)")
     _vad_arguments(p)
 
 
@@ -279,6 +282,8 @@ def _options(args) -> TranscribeOptions:
     """The decoding flags as options, checked before any model loads."""
     if args.word_timestamps and args.task == "translate":
         raise ValueError("--word-timestamps aligns spoken words; it does not work with --task translate")
+    if args.hallucination_silence_threshold is not None and not args.word_timestamps:
+        raise ValueError("--hallucination-silence-threshold judges the words' timing: it needs --word-timestamps")
     return TranscribeOptions(
         language=args.language, task=args.task, temperature=tuple(args.temperature),
         beam_size=_above_one(args.beam_size, "--beam-size"), best_of=_above_one(args.best_of, "--best-of"),
@@ -288,6 +293,7 @@ def _options(args) -> TranscribeOptions:
         logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
         without_timestamps=args.without_timestamps, word_timestamps=args.word_timestamps,
         prepend_punctuations=args.prepend_punctuations, append_punctuations=args.append_punctuations,
+        hallucination_silence_threshold=args.hallucination_silence_threshold,
         vad_filter=args.vad, vad_options=_vad_options(args), clip_timestamps=args.clip_timestamps)
 
 

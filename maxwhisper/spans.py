@@ -7,12 +7,14 @@ onto the original timeline."""
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .vad import WINDOW, VadOptions, detector, speech_timestamps
+from .audio import BLOCK_SAMPLES, slice_blocks
+from .vad import BLOCK, WINDOW, VadOptions, detector, speech_timestamps
 
 CHUNK_S = 30.0  # one Whisper window
 
@@ -58,29 +60,63 @@ def clip_spans(values: tuple[float, ...], n_samples: int, sample_rate: int) -> l
     return spans
 
 
-def speech_spans(audio: np.ndarray, spans: list[tuple[int, int]], vad: VadOptions) -> list[tuple[int, int]]:
-    """The speech inside each span (the VAD run on the span alone)."""
+def pieces(source, spans: list[tuple[int, int]]):
+    """(k, samples) of each span of `source` in turn: views of an array, or blocks read
+    from an `AudioFile` (or any source with `blocks()`), never the whole audio at once."""
+    if isinstance(source, np.ndarray):
+        return ((k, source[i: min(i + BLOCK_SAMPLES, b)]) for k, (a, b) in enumerate(spans)
+                for i in range(a, b, BLOCK_SAMPLES))
+    if hasattr(source, "pieces"):
+        return source.pieces(spans)
+    return slice_blocks(source.blocks(), spans)
+
+
+def _exact(chunks, size: int):
+    """The samples of `chunks` regrouped into arrays of `size`, the rest last."""
+    held, n = [], 0
+    for chunk in chunks:
+        while chunk.size:
+            take = min(size - n, chunk.size)
+            held.append(chunk[:take])
+            n, chunk = n + take, chunk[take:]
+            if n == size:
+                yield np.concatenate(held)
+                held, n = [], 0
+    if n:
+        yield np.concatenate(held)
+
+
+def probabilities(source, spans: list[tuple[int, int]]) -> list[np.ndarray]:
+    """The VAD's speech probabilities of each span, the VAD run on the span alone and fed
+    as `SileroVad.__call__` feeds a whole array, so that they are the same."""
+    vad, probs = detector(), [np.zeros(0, np.float32) for _ in spans]
+    for k, group in itertools.groupby(pieces(source, spans), key=lambda piece: piece[0]):
+        stream = vad.streaming()
+        got = [stream(chunk) for chunk in _exact((samples for _, samples in group), BLOCK * WINDOW)]
+        probs[k] = np.concatenate([np.zeros(0, np.float32), *got, stream.flush()])
+    return probs
+
+
+def speech_spans(probs: list[np.ndarray], spans: list[tuple[int, int]], vad: VadOptions) -> list[tuple[int, int]]:
+    """The speech inside each span, from its `probabilities`."""
     out = []
-    for a, b in spans:
-        part = audio[a:b]
-        out += [(a + s, a + e) for s, e in speech_timestamps(detector()(part), part.size, vad)]
+    for p, (a, b) in zip(probs, spans):
+        out += [(a + s, a + e) for s, e in speech_timestamps(p, b - a, vad)]
     return out
 
 
-def speech_sections(audio: np.ndarray, spans: list[tuple[int, int]], vad: VadOptions, sample_rate: int,
+def speech_sections(probs: list[np.ndarray], spans: list[tuple[int, int]], vad: VadOptions, sample_rate: int,
                     sections: int, chunk_s: float = CHUNK_S) -> list[Timeline]:
-    """The speech inside the spans cut into up to `sections` parts of about equal length
-    (none shorter than `chunk_s` where the speech allows), each cut at the longest pause
-    near its equal share: a gap between speech spans, or a run of windows below the
-    VAD's silence threshold inside one. Each part is then read as a long-form audio of
-    its own, its windows prompted with the text before them, so only a part's first
-    window goes without the previous text."""
+    """The speech inside the spans (from their `probabilities`) cut into up to
+    `sections` parts of about equal length (none shorter than `chunk_s` where the speech
+    allows), each cut at the longest pause near its equal share: a gap between speech
+    spans, or a run of windows below the VAD's silence threshold inside one. Each part
+    is then read as a long-form audio of its own, its windows prompted with the text
+    before them, so only a part's first window goes without the previous text."""
     speech, pauses = [], []
-    for a, b in spans:
-        part = audio[a:b]
-        probs = detector()(part)
-        found = [(a + s, a + e) for s, e in speech_timestamps(probs, part.size, vad)]
-        pauses += _pauses(probs, found, a, vad) + ([(speech[-1][1], found[0][0], found[0][0] - speech[-1][1])]
+    for p, (a, b) in zip(probs, spans):
+        found = [(a + s, a + e) for s, e in speech_timestamps(p, b - a, vad)]
+        pauses += _pauses(p, found, a, vad) + ([(speech[-1][1], found[0][0], found[0][0] - speech[-1][1])]
                                                    if speech and found else [])
         speech += found
     if not speech:
@@ -148,10 +184,9 @@ class Timeline:
             at += b - a
         return starts
 
-    def join(self, audio: np.ndarray) -> np.ndarray:
-        if not self.spans:
-            return np.zeros(0, np.float32)
-        return np.concatenate([audio[a:b] for a, b in self.spans]).astype(np.float32, copy=False)
+    def joined(self, source) -> Joined:
+        """The spans of `source` (the audio they were found in) laid end to end."""
+        return Joined(source, self.spans)
 
     def original(self, seconds: float, is_end: bool = False) -> float:
         """A time in the joined audio on the original timeline. An end that falls on a
@@ -177,6 +212,18 @@ class Timeline:
                 word["start"] = round(self.original(word["start"]), 3)
                 word["end"] = round(self.original(word["end"], is_end=True), 3)
         return result
+
+
+@dataclass(frozen=True, eq=False)
+class Joined:
+    """A source's spans laid end to end, as a `Spectrogram` reads its source: block by
+    block, each time it is read, so that a part of an hour never sits in memory whole."""
+    source: object
+    spans: tuple[tuple[int, int], ...]
+
+    def blocks(self):
+        for _, samples in pieces(self.source, list(self.spans)):
+            yield samples
 
 
 def merged(results: list[dict], language: str | None) -> dict:

@@ -12,7 +12,9 @@ import numpy as np
 
 from .audio import Spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
-from .spans import Timeline, clip_spans, merged, parse_clip_timestamps, speech_sections, speech_spans
+from .hallucination import end_of, skip_silence
+from .spans import (Joined, Timeline, clip_spans, merged, parse_clip_timestamps, probabilities, speech_sections,
+                    speech_spans)
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import WhisperTokenizer
 from .vad import VadOptions
@@ -53,8 +55,8 @@ class _Stream:
     """One audio's walk through its 30 s windows: where it is, what it said, and the
     previous text that prompts its next window."""
 
-    def __init__(self, model, audio: np.ndarray | Spectrogram, tok, initial_prompt: str | tuple[int, ...] | None,
-                 floor: float | None):
+    def __init__(self, model, audio: np.ndarray | Spectrogram | Joined, tok,
+                 initial_prompt: str | tuple[int, ...] | None, floor: float | None):
         self.spectrogram = audio if isinstance(audio, Spectrogram) else Spectrogram(audio, model.spec.audio)
         self.tok, self.floor = tok, floor
         self.content_frames = self.spectrogram.content_frames
@@ -92,8 +94,8 @@ class _Stream:
         spec, a = model.spec, model.spec.audio
         input_stride = a.n_frames // spec.encoder.n_ctx
         precision = input_stride * a.hop_length / a.sample_rate
-        frame_seconds = a.hop_length / a.sample_rate
-        time_offset, previous_seek = self.seek * frame_seconds, self.seek
+        fps = a.sample_rate // a.hop_length
+        time_offset, previous_seek = self.seek * a.hop_length / a.sample_rate, self.seek
         no_speech, lp = cfg["no_speech_threshold"], cfg["logprob_threshold"]
         if result is None or (no_speech is not None and result.no_speech_prob > no_speech
                               and not (lp is not None and result.avg_logprob > lp)):
@@ -111,12 +113,23 @@ class _Stream:
         if cfg["word_timestamps"]:
             add_word_timestamps(current, model.runtime, tok, cross, frames, self.last_speech_timestamp,
                                 cfg["prepend_punctuations"], cfg["append_punctuations"])
-            word_ends = [w["end"] for s in current for w in s["words"]]
-            if word_ends:
-                self.last_speech_timestamp = word_ends[-1]
-                # The last word is a better place to resume than a cut-off segment.
-                if not single_ending and word_ends[-1] > time_offset:
-                    self.seek = round(word_ends[-1] / frame_seconds)
+            last_end = end_of(current)
+            # The last word is a better place to resume than a cut-off segment.
+            if not single_ending and last_end is not None and last_end > time_offset:
+                self.seek = round(last_end * fps)
+            threshold = cfg["hallucination_silence_threshold"]
+            if threshold is not None:
+                self.seek, kept = skip_silence(
+                    current, threshold, seek=self.seek, previous_seek=previous_seek, frames=frames,
+                    time_offset=time_offset, window_end=(previous_seek + a.n_frames) * a.hop_length / a.sample_rate,
+                    window_duration=frames * a.hop_length / a.sample_rate, single_ending=single_ending,
+                    last_speech=self.last_speech_timestamp, content_frames=self.content_frames,
+                    content_duration=self.content_frames * a.hop_length / a.sample_rate, frames_per_second=fps)
+                if not kept:
+                    return
+            last_end = end_of(current)
+            if last_end is not None:
+                self.last_speech_timestamp = last_end
         for segment in current:
             if segment["start"] == segment["end"] or not segment["text"].strip():
                 # Instantaneous or empty: keep its slot, drop its words.
@@ -158,7 +171,10 @@ class TranscribeOptions:
     `vad_filter`: transcribe only the speech that the VAD finds (`vad_options`, default
     `VadOptions()`). `clip_timestamps`: openai-whisper's, the spans to transcribe,
     "start,end,start,end,..." seconds or a sequence of them ("0": all of it). Times in
-    the result stay on the audio's own timeline either way."""
+    the result stay on the audio's own timeline either way.
+    `hallucination_silence_threshold`: openai-whisper's, seconds; with `word_timestamps`
+    (it needs them), words that look made up and stand in more silence than this are
+    dropped and the silence before them skipped (hallucination.py)."""
     language: str | None = None
     task: str = "transcribe"
     temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES
@@ -181,6 +197,7 @@ class TranscribeOptions:
     vad_filter: bool = False
     vad_options: VadOptions | None = None
     clip_timestamps: str | tuple[float, ...] = "0"
+    hallucination_silence_threshold: float | None = None
 
     @property
     def whole_audio(self) -> bool:
@@ -223,6 +240,13 @@ class TranscribeOptions:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number or None, found {value!r}")
+        h = self.hallucination_silence_threshold
+        if h is not None:
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < math.inf:
+                raise ValueError(f"hallucination_silence_threshold must be seconds >= 0 or None, found {h!r}")
+            if not self.word_timestamps:
+                raise ValueError("hallucination_silence_threshold judges the words' timing: it needs "
+                                 "word_timestamps=True")
         search = dict(beam_size=self.beam_size, best_of=self.best_of, patience=self.patience,
                       length_penalty=self.length_penalty)
         for t in temperatures:  # the decoding options of every temperature, checked now
@@ -313,7 +337,8 @@ class DecodingPlan:
         cfg = dict(no_speech_threshold=o.no_speech_threshold, logprob_threshold=o.logprob_threshold,
                    compression_ratio_threshold=o.compression_ratio_threshold, word_timestamps=o.word_timestamps,
                    condition_on_previous_text=o.condition_on_previous_text,
-                   prepend_punctuations=o.prepend_punctuations, append_punctuations=o.append_punctuations)
+                   prepend_punctuations=o.prepend_punctuations, append_punctuations=o.append_punctuations,
+                   hallucination_silence_threshold=o.hallucination_silence_threshold)
         floor = None if o.silence_threshold_db is None else 10.0 ** (o.silence_threshold_db / 20.0)
         return cls(o, tok, temperatures, search, fixed, cfg, floor, replace(o, initial_prompt=None))
 
@@ -448,18 +473,24 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: Tran
 
     def parts():
         for index, audio in enumerate(audios):
-            if isinstance(audio, Spectrogram):  # the VAD reads the whole audio at once
-                audio = audio.audio()
-            frames_of[index], reported[index] = audio.size // hop, 0
-            spans = clip_spans(clips, audio.size, rate)
-            if sectioned:
-                lines = speech_sections(audio, spans, vad, rate, batch_size)
+            # A file is read block by block: by the VAD once, then each part when it is decoded.
+            if isinstance(audio, Spectrogram):
+                source, n_samples = audio.source, audio.n_samples
             else:
-                lines = [Timeline(tuple(speech_spans(audio, spans, vad) if o.vad_filter else spans), rate)]
+                source = np.asarray(audio, np.float32).reshape(-1)
+                n_samples = source.size
+            frames_of[index], reported[index] = n_samples // hop, 0
+            spans = clip_spans(clips, n_samples, rate)
+            if sectioned:
+                lines = speech_sections(probabilities(source, spans), spans, vad, rate, batch_size)
+            elif o.vad_filter:
+                lines = [Timeline(tuple(speech_spans(probabilities(source, spans), spans, vad)), rate)]
+            else:
+                lines = [Timeline(tuple(spans), rate)]
             timelines[index] = lines or [Timeline((), rate)]  # no speech: an empty part, no words
             for k, line in enumerate(timelines[index]):
                 owner.append((index, k))
-                yield line.join(audio)
+                yield line.joined(source)
 
     def report(index: int, frames: int) -> None:
         frames = min(frames, frames_of[index] - reported[index])

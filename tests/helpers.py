@@ -172,3 +172,23 @@ def prompt_logits(model) -> np.ndarray:
     rt = model.runtime
     _, ck, cv = rt.encode(first_clip_mel(model.spec))[:3]
     return rt.decode(np.array([prompt_tokens(model.tokenizer)]), rt.start(ck, cv))[0][0]
+
+
+_OPENAI: dict = {}
+
+
+def openai_peer(name: str):
+    """openai-whisper's model (float32, CPU) on our converted weights, with our spec's
+    alignment heads for its word timestamps (call under `model_cache`)."""
+    torch, _ = _reference_modules()
+    from benchmarks import peers
+
+    if name not in _OPENAI:
+        weights, spec, _ = peers.converted_weights(name)
+        model, _ = peers.openai_model(weights, spec)
+        heads = torch.zeros(spec.dims["n_text_layer"], spec.dims["n_text_head"], dtype=torch.bool)
+        for layer, head in spec.alignment_heads:
+            heads[layer, head] = True
+        model.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
+        _OPENAI[name] = model
+    return _OPENAI[name]

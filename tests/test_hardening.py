@@ -316,14 +316,15 @@ _PEAK_RSS = """
 import json, resource, sys
 import maxwhisper
 model = maxwhisper.load_model("tiny.en", device="cpu")
-result = model.transcribe(sys.argv[1], temperature=0.0)
+result = model.transcribe(sys.argv[1], temperature=0.0, **json.loads(sys.argv[2]))
 print(json.dumps(dict(rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       text=result["text"], end=result["segments"][-1]["end"] if result["segments"] else 0)))
 """
 
 
-def _peak_rss(path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path)], capture_output=True, text=True, timeout=900,
+def _peak_rss(path: Path, **options) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), json.dumps(options)], capture_output=True,
+                         text=True, timeout=900,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -352,3 +353,15 @@ def test_two_hours_in_the_memory_of_one_minute(tmp_path):
     minute, hours = _peak_rss(tmp_path / "minute.wav"), _peak_rss(tmp_path / "hours.wav")
     assert hours["text"].count("Wednesday") == 3 and hours["end"] > 7180
     assert hours["rss_mib"] <= 1.3 * minute["rss_mib"], (minute["rss_mib"], hours["rss_mib"])
+
+
+def test_an_hour_with_the_vad_in_the_memory_of_one_minute(tmp_path):
+    """The VAD and batched sections read a file block by block too: an hour (silence with
+    speech at its start, middle and end) within 1.3x of one minute's peak RSS."""
+    _silence_with_speech(tmp_path / "minute.wav", 60, [10.0])
+    _silence_with_speech(tmp_path / "hour.wav", 3600, [10.0, 1800.0, 3580.0])
+    vad = dict(vad_filter=True, batch_size=8)
+    minute, hour = _peak_rss(tmp_path / "minute.wav", **vad), _peak_rss(tmp_path / "hour.wav", **vad)
+    assert minute["text"].count("Wednesday") == 1
+    assert hour["text"].count("Wednesday") == 3 and hour["end"] > 3580
+    assert hour["rss_mib"] <= 1.3 * minute["rss_mib"], (minute["rss_mib"], hour["rss_mib"])

@@ -186,3 +186,52 @@ def test_progress_with_vad_counts_the_whole_audio(tiny_en, long_silence):
                progress=lambda frames, total: seen.append((frames, total)))
     assert seen and all(total == 120 * RATE // 160 for _, total in seen)
     assert sum(frames for frames, _ in seen) == 120 * RATE // 160
+
+
+def _file_of(audio: np.ndarray, path, rate: int = RATE, subtype: str = "PCM_16"):
+    """`audio` written at `rate` (resampled to it): read back, resampled to 16 kHz."""
+    import soundfile as sf
+    import soxr
+
+    sf.write(path, audio if rate == RATE else soxr.resample(audio, RATE, rate), rate, subtype=subtype)
+    return path
+
+
+@pytest.mark.parametrize("rate, subtype", [(RATE, "PCM_16"), (RATE, "FLOAT"), (44100, "PCM_16")],
+                         ids=["16 kHz PCM16, seeking", "16 kHz float, seeking", "44.1 kHz, read from the start"])
+def test_a_files_spans_are_read_as_its_samples(tmp_path, monkeypatch, rate, subtype):
+    from maxwhisper import audio as audio_module
+    from maxwhisper.audio import AudioFile
+
+    monkeypatch.setattr(audio_module, "BLOCK_SAMPLES", 1000)  # spans cross many blocks
+    samples = np.random.default_rng(0).uniform(-0.5, 0.5, 5 * RATE).astype(np.float32)
+    path = _file_of(samples, tmp_path / "a.wav", rate, subtype)
+    whole = load_audio(path)
+    spans = [(0, 10), (10, 2500), (2999, 3001), (7000, 7000 + 1000), (40000, whole.size)]
+    got = {}
+    for k, piece in AudioFile(path).pieces(spans):
+        assert piece.size <= 1000
+        got.setdefault(k, []).append(piece)
+    for k, (a, b) in enumerate(spans):
+        assert np.array_equal(np.concatenate(got[k]), whole[a:b]), (a, b)
+
+
+def test_the_vad_on_a_file_gives_its_samples_probabilities(tmp_path, conversation):
+    from maxwhisper.audio import AudioFile
+    from maxwhisper.spans import probabilities
+    from maxwhisper.vad import detector
+
+    path = _file_of(conversation[0][: 40 * RATE], tmp_path / "talk.wav")
+    samples = load_audio(path)
+    spans = [(0, 3 * RATE + 7), (5 * RATE, 30 * RATE + 100), (30 * RATE + 100, samples.size)]
+    for got, (a, b) in zip(probabilities(AudioFile(path), spans), spans):
+        assert np.array_equal(got, detector()(samples[a:b]))
+
+
+@pytest.mark.parametrize("rate", [RATE, 44100], ids=["seeking", "read from the start"])
+def test_a_file_with_the_vad_gives_the_result_of_its_samples(tiny_en, tmp_path, conversation, rate):
+    path = _file_of(conversation[0], tmp_path / "talk.wav", rate)
+    kw = dict(vad_filter=True, temperature=0.0, word_timestamps=True, clip_timestamps="2,70,75")
+    for batch in (8, 1):
+        assert tiny_en.transcribe(str(path), batch_size=batch, **kw) == \
+            tiny_en.transcribe(load_audio(path), batch_size=batch, **kw)

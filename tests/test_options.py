@@ -38,7 +38,7 @@ def test_the_cli_reads_the_apis_defaults():
     d = TranscribeOptions()
     for name in ("language", "task", "patience", "length_penalty", "initial_prompt", "compression_ratio_threshold",
                  "logprob_threshold", "no_speech_threshold", "condition_on_previous_text", "without_timestamps",
-                 "word_timestamps", "prepend_punctuations", "append_punctuations"):
+                 "word_timestamps", "prepend_punctuations", "append_punctuations", "hallucination_silence_threshold"):
         assert getattr(args, name) == getattr(d, name), name
     assert tuple(args.temperature) == d.temperature
     # Beams and samples: openai-whisper's command line decodes with 5, its API with one.
