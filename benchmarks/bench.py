@@ -104,7 +104,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         beam_size: int = 1,
         precision: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
         tokenizer: str | None = None, attention: str | tuple[str, ...] = "unfused",
-        whispercpp_types: tuple[str, ...] = ("float16", "q5_0")) -> dict:
+        whispercpp_types: tuple[str, ...] = ("float16", "q4_0")) -> dict:
     """`precision`: one of our precisions, or several: one row each, the first the baseline
     of the ratio column; `attention` likewise ('unfused', 'fused'), a row for each pair.
     `weights`: 'package' (the named model's installed weights) or
@@ -387,7 +387,7 @@ def add_arguments(p) -> None:
                                                   "faster-whisper"],
                    help="transformers-compiled: static KV cache, decoder step under torch.compile (forced "
                         "workload); whisper.cpp: pywhispercpp's wheel, on our weights in its model file")
-    p.add_argument("--whispercpp-types", nargs="+", default=["float16", "q5_0"],
+    p.add_argument("--whispercpp-types", nargs="+", default=["float16", "q4_0"],
                    choices=["float32", *whispercpp.TYPES],
                    help="whisper.cpp's model types, a row each (float32 is listed with the reason it cannot run)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
