@@ -16,8 +16,8 @@ Peers (test/benchmark dependencies; a peer that cannot run is listed with the re
 openai-whisper (PyTorch), Hugging Face transformers (eager, SDPA; and
 "transformers-compiled": its static KV cache with the decoder step under torch.compile,
 CUDA graphs on a GPU, compile time in the load column), faster-whisper (CTranslate2;
-float32 and int8), whisper.cpp (pywhispercpp's wheel, CPU; --whispercpp-types, float16
-its top precision). All run the same weights: the CTranslate2 package our
+float32 and int8), whisper.cpp (named in --peers; pywhispercpp's wheel, CPU;
+--whispercpp-types, float16 its top precision). All run the same weights: the CTranslate2 package our
 model is converted from, loaded into each peer (written as whisper.cpp's model file for
 it, benchmarks/ggml.py); or, with --weights random (forced
 workload; any spec, e.g. small, whose weights no package carries), openai-whisper's seeded
