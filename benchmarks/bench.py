@@ -16,8 +16,10 @@ Peers (test/benchmark dependencies; a peer that cannot run is listed with the re
 openai-whisper (PyTorch), Hugging Face transformers (eager, SDPA; and
 "transformers-compiled": its static KV cache with the decoder step under torch.compile,
 CUDA graphs on a GPU, compile time in the load column), faster-whisper (CTranslate2;
-float32 and int8). All run the same weights: the CTranslate2 package our
-model is converted from, loaded into each peer; or, with --weights random (forced
+float32 and int8), whisper.cpp (named in --peers; pywhispercpp's wheel, CPU;
+--whispercpp-types, float16 its top precision). All run the same weights: the CTranslate2 package our
+model is converted from, loaded into each peer (written as whisper.cpp's model file for
+it, benchmarks/ggml.py); or, with --weights random (forced
 workload; any spec, e.g. small, whose weights no package carries), openai-whisper's seeded
 random initialisation. With --device gpu the PyTorch peers run on CUDA in float16.
 Warm-up, then the median of --repeats; load and compile are reported apart. Ratios
@@ -41,6 +43,7 @@ import numpy as np
 from maxwhisper.builder import ATTENTION
 from maxwhisper.precision import PRECISIONS
 
+from benchmarks import whispercpp
 from benchmarks.peers import (converted_weights, ct2_model, forced_ct2, forced_hf, forced_hf_static, forced_maxwhisper,
                               forced_openai, hf_compiled_model, hf_model, openai_model, random_model,
                               random_weights, torch_input)
@@ -100,12 +103,14 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         peers: tuple[str, ...] = ("openai-whisper", "transformers", "transformers-compiled", "faster-whisper"),
         beam_size: int = 1,
         precision: str | tuple[str, ...] = "auto", greedy: str = "auto", weights: str = "package",
-        tokenizer: str | None = None, attention: str | tuple[str, ...] = "unfused") -> dict:
+        tokenizer: str | None = None, attention: str | tuple[str, ...] = "unfused",
+        whispercpp_types: tuple[str, ...] = ("float16", "q4_0")) -> dict:
     """`precision`: one of our precisions, or several: one row each, the first the baseline
     of the ratio column; `attention` likewise ('unfused', 'fused'), a row for each pair.
     `weights`: 'package' (the named model's installed weights) or
     'random' (openai-whisper's seeded initialisation of the spec; forced workload only),
-    with `tokenizer`, a tokenizer.json for machines without the weight packages."""
+    with `tokenizer`, a tokenizer.json for machines without the weight packages.
+    `whispercpp_types`: whisper.cpp's model types, a row each (peer "whisper.cpp")."""
     from maxwhisper import load_model
     from maxwhisper.audio import log_mel_spectrogram
     from maxwhisper.spec import load_spec
@@ -158,7 +163,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 t = time.perf_counter()
                 m, lib = make(*make_args)
                 loaded = time.perf_counter() - t
-                arg = mel if forced is forced_ct2 else torch_input(lib, mel, device)
+                arg = mel if forced in (forced_ct2, whispercpp.forced) else torch_input(lib, mel, device)
                 med, ts, o = _timed(lambda: forced(m, lib, arg, prompt, tokens, eot), repeats)
                 if np.asarray(o).shape != (batch, tokens):
                     return Row(system, skipped=f"generated {np.asarray(o).shape} tokens, not {(batch, tokens)}")
@@ -177,6 +182,12 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
         elif "faster-whisper" in peers:
             for ct in ("float32", "int8"):
                 peer(f"CTranslate2 ({ct}, {threads} threads, cpu)", ct2_model, forced_ct2, ct2_dir, ct, threads)
+        if "whisper.cpp" in peers and ct2_dir is None:
+            rows.append(Row("whisper.cpp", skipped="runs a named model's weights only here; random weights have none"))
+        elif "whisper.cpp" in peers:
+            for t in whispercpp_types:
+                peer(whispercpp.label(t, threads, ", windows in turn" if batch > 1 else ""), whispercpp.forced_model,
+                     whispercpp.forced, model, t, threads)
     elif workload == "speech":
         audio = speech_audio(seconds)
         duration = len(audio) / 16000
@@ -215,6 +226,15 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                     med, ts, text = _timed(go, repeats)
                     return Row(f"faster-whisper ({ct}, {threads} threads)", med, ts, loaded, text=text)
                 rows.append(_attempt(f"faster-whisper ({ct})", fw_speech))
+        if "whisper.cpp" in peers:
+            for t in whispercpp_types:
+                def wc_speech(t=t):
+                    start = time.perf_counter()
+                    go = whispercpp.transcriber(model, t, threads, beam_size)
+                    loaded = time.perf_counter() - start
+                    med, ts, text = _timed(lambda: go(audio), repeats)
+                    return Row(whispercpp.label(t, threads), med, ts, loaded, text=text)
+                rows.append(_attempt(whispercpp.label(t, threads), wc_speech))
     elif workload == "startup":
         duration = seconds
         kinds = [(m.precision, m.runtime.attention) for _, m, _ in ours_all]
@@ -230,7 +250,8 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
                 tokens=tokens if workload == "forced" else None, audio_s=duration, repeats=repeats, threads=threads,
                 machine=f"{platform.machine()}, {os.cpu_count()} cores", date=str(date.today()),
                 versions={p: _version(p) for p in ("max", "torch", "openai-whisper", "transformers",
-                                                   "faster-whisper", "ctranslate2")},
+                                                   "faster-whisper", "ctranslate2", "pywhispercpp")},
+                whispercpp_build=_whispercpp_build() if "whisper.cpp" in peers else None,
                 weights="random (openai-whisper init, seed 0)" if ct2_dir is None else "package",
                 rows=[asdict(r) for r in rows])
 
@@ -268,6 +289,13 @@ def _startup_row(system: str, code: str, repeats: int) -> Row:
     return Row(system, statistics.median(times), times, text=text)
 
 
+def _whispercpp_build() -> str | None:
+    try:
+        return whispercpp.system_info()
+    except ImportError:
+        return None
+
+
 def _version(package: str) -> str | None:
     try:
         return version(package)
@@ -293,6 +321,8 @@ def table(report: dict) -> str:
         load = "in the time" if r["load_s"] is None else f"{r['load_s']:.1f}"
         lines.append(f"| {r['system']} | {load} | {1000 * r['median_s']:.1f} | "
                      f"{report['audio_s'] / r['median_s']:.1f} | {r['median_s'] / ours:.2f} |")
+    if report.get("whispercpp_build"):
+        lines += ["", f"whisper.cpp build: {report['whispercpp_build']}"]
     texts = {r["text"] for r in rows if r.get("text") is not None}
     if texts:
         lines += ["", "transcripts: " + ("identical across systems" if len(texts) == 1 else
@@ -319,7 +349,7 @@ def chart(report: dict, path: str | Path) -> None:
 def main(args) -> int:
     report = run(args.model, args.device, args.workload, args.batch, args.tokens, args.seconds, args.repeats,
                  args.threads, tuple(args.peers), args.beam_size, tuple(args.precision), args.greedy, args.weights,
-                 args.tokenizer, tuple(args.attention))
+                 args.tokenizer, tuple(args.attention), tuple(args.whispercpp_types))
     print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -351,10 +381,15 @@ def add_arguments(p) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="speech length (speech workload)")
     p.add_argument("--beam-size", type=int, default=1, help="beams (speech workload; 1: greedy)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="CTranslate2 threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CTranslate2's and whisper.cpp's threads (default: all cores)")
     p.add_argument("--peers", nargs="*", default=["openai-whisper", "transformers", "transformers-compiled",
                                                   "faster-whisper"],
-                   help="transformers-compiled: static KV cache, decoder step under torch.compile (forced workload)")
+                   help="transformers-compiled: static KV cache, decoder step under torch.compile (forced "
+                        "workload); whisper.cpp: pywhispercpp's wheel, on our weights in its model file")
+    p.add_argument("--whispercpp-types", nargs="+", default=["float16", "q4_0"],
+                   choices=["float32", *whispercpp.TYPES],
+                   help="whisper.cpp's model types, a row each (float32 is listed with the reason it cannot run)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--chart", default=None, help="write a PNG bar chart here (needs matplotlib)")
 

@@ -1,6 +1,8 @@
 """Long-form benchmark: one recording of several minutes, sequential and batched (VAD),
-maxwhisper against faster-whisper (sequential, and its `BatchedInferencePipeline`) on
-the same CTranslate2 weights and threads, time and word error rate, in one run.
+maxwhisper against faster-whisper (sequential, and its `BatchedInferencePipeline`) and
+whisper.cpp (sequential; pywhispercpp's wheel) on the same weights (the CTranslate2
+package; written as whisper.cpp's model file for it) and threads, time and word error
+rate, in one run.
 
     python -m benchmarks.longform --minutes 5 --batch-size 8
     python -m benchmarks.longform --rss-hours 1      # peak memory of an hour, VAD + batching
@@ -9,7 +11,8 @@ The recording is the committed clips (tests/data/speech) in turn, with pauses of
 3 s between them, so its text is known. Every system decodes at temperature 0 with
 --beam-size beams, timestamps on (faster-whisper's batched pipeline decodes without
 them, as it does by default), language English. Precision classes: float32 against
-float32, and our q4_0 against faster-whisper's int8. Each system transcribes a 30 s
+float32 (whisper.cpp: float16, its top precision on the CPU), and our q4_0 against
+faster-whisper's int8 and whisper.cpp's --whispercpp-type. Each system transcribes a 30 s
 clip first (warm-up), then the recording once; the load is not in the time.
 
 `--rss-hours` writes that many hours of generated audio (silence with low noise, one
@@ -93,7 +96,13 @@ def _faster_whisper(model: str, compute_type: str, batch: int | None, beam: int,
     return lambda audio: "".join(s.text for s in m.transcribe(audio, vad_filter=False, **kw)[0])
 
 
-def run(model: str, minutes: float, batch: int, beam: int, threads: int) -> dict:
+def _whispercpp(model: str, ftype: str, beam: int, threads: int):
+    from benchmarks.whispercpp import transcriber
+
+    return transcriber(model, ftype, threads, beam)
+
+
+def run(model: str, minutes: float, batch: int, beam: int, threads: int, whispercpp: str = "q4_0") -> dict:
     audio, text = recording(minutes)
     warm = audio[: 30 * RATE]
     beam_ours = beam if beam > 1 else None
@@ -103,11 +112,14 @@ def run(model: str, minutes: float, batch: int, beam: int, threads: int) -> dict
         ("faster-whisper sequential", "float32", lambda: _faster_whisper(model, "float32", None, beam, threads)),
         (f"faster-whisper BatchedInferencePipeline (batch {batch})", "float32",
          lambda: _faster_whisper(model, "float32", batch, beam, threads)),
+        ("whisper.cpp sequential (fp16)", "float32", lambda: _whispercpp(model, "float16", beam, threads)),
         ("maxwhisper sequential", "q4_0 / int8", lambda: _ours(model, "q4_0", None, beam_ours)),
         (f"maxwhisper batched (VAD, batch {batch})", "q4_0 / int8", lambda: _ours(model, "q4_0", batch, beam_ours)),
         ("faster-whisper sequential", "q4_0 / int8", lambda: _faster_whisper(model, "int8", None, beam, threads)),
         (f"faster-whisper BatchedInferencePipeline (batch {batch})", "q4_0 / int8",
          lambda: _faster_whisper(model, "int8", batch, beam, threads)),
+        (f"whisper.cpp sequential ({whispercpp})", "q4_0 / int8",
+         lambda: _whispercpp(model, whispercpp, beam, threads)),
     ]
     rows = []
     for system, cls, make in systems:
@@ -120,18 +132,27 @@ def run(model: str, minutes: float, batch: int, beam: int, threads: int) -> dict
         except Exception as e:  # a peer that fails must not sink the others' figures
             rows.append(Row(system, cls, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
         print(f"{system} [{cls}]: {rows[-1]}", file=sys.stderr, flush=True)
-    from importlib.metadata import version
-
     return dict(model=model, audio_s=audio.size / RATE, words=len(text.split()), batch=batch, beam=beam,
                 threads=threads, date=str(date.today()), machine=f"{os.cpu_count()} CPU cores",
-                versions={p: version(p) for p in ("max", "faster-whisper", "ctranslate2")},
+                versions={p: _version(p) for p in ("max", "faster-whisper", "ctranslate2", "pywhispercpp")},
                 rows=[r.__dict__ for r in rows])
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def table(report: dict) -> str:
     head = (f"{report['model']}, {report['audio_s'] / 60:.1f} min recording ({report['words']} words), "
-            f"beam {report['beam']}, batch {report['batch']}, faster-whisper on {report['threads']} threads; "
-            f"{report['machine']}; {report['date']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+            f"beam {report['beam']}, batch {report['batch']}, faster-whisper and whisper.cpp on {report['threads']} "
+            "threads; "
+            f"{report['machine']}; {report['date']}; "
+            + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
     lines = [head, "", "| class | system | time (s) | x real time | WER | time / our batched time |",
              "|---|---|---|---|---|---|"]
     for cls in dict.fromkeys(r["cls"] for r in report["rows"]):
@@ -218,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--beam-size", type=int, default=5)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="faster-whisper's threads (default: all)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="faster-whisper's and whisper.cpp's threads (default: all)")
+    p.add_argument("--whispercpp-type", default="q4_0", choices=["q8_0", "q5_0", "q4_0"],
+                   help="whisper.cpp's model type in the quantized class")
     p.add_argument("--rss-hours", type=float, default=None,
                    help="instead: peak resident memory of this many hours with the VAD and batching")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -230,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'batch ' + str(report['batch']) if r['vad'] else 'no VAD'} | {r['loaded_mib']:.0f} MiB | "
                   f"{r['peak_mib']:.0f} MiB | {r['seconds']:.0f} s |")
     else:
-        report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads)
+        report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads, args.whispercpp_type)
         print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
