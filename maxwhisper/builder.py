@@ -234,6 +234,27 @@ def _causal_mask(t, p, device: DeviceRef) -> TensorValue:
     return ops.concat([past, upper], axis=1)
 
 
+def _positions(start, t, row_pads: TensorValue, device: DeviceRef) -> TensorValue:
+    """(B, T) positions of T new tokens after `start` in each row, counted after the
+    row's padding (the padding's own positions, never attended to, clamp at 0)."""
+    zero, one = (ops.constant(v, DType.int64, device) for v in (0, 1))
+    first = ops.shape_to_tensor([start]).reshape([]) - row_pads.reshape([-1, 1])
+    steps = ops.range(zero, ops.shape_to_tensor([t]).reshape([]), one, out_dim=t, device=device,
+                      dtype=DType.int64)
+    return ops.max(first + steps.reshape([1, -1]), 0)
+
+
+def _padding(pads: TensorValue, keys, device: DeviceRef) -> TensorValue:
+    """(W, 1, 1, keys) additive mask of each window's first `pads` positions. Finite, not
+    -inf: a padding query sees only padding keys, and a softmax over all -inf is NaN."""
+    zero, one = (ops.constant(v, DType.int64, device) for v in (0, 1))
+    at = ops.range(zero, ops.shape_to_tensor([keys]).reshape([]), one, out_dim=keys, device=device,
+                   dtype=DType.int64)
+    blocked = at.reshape([1, -1]) < pads.reshape([-1, 1])
+    mask = ops.where(blocked, ops.constant(-1e9, DType.float32, device), ops.constant(0.0, DType.float32, device))
+    return mask.reshape([pads.shape[0], 1, 1, keys])
+
+
 def alignment_heads(spec: ModelSpec) -> list[tuple[int, int]]:
     """The spec's [layer, head] pairs; without any, every head of the upper half of the
     decoder, as openai-whisper assumes for checkpoints that name none."""
@@ -277,18 +298,19 @@ def _window_heads(x: TensorValue, windows) -> TensorValue:
 
 
 def _attention_after_prefix(q: TensorValue, k: TensorValue, v: TensorValue, prefix, n_head: int,
-                            mask: TensorValue) -> TensorValue:
-    """Self-attention of (B, T, D) queries over their window's prefix, (W, P, D) keys
+                            mask: TensorValue, padding: TensorValue) -> TensorValue:
+    """Self-attention of (B, T, D) queries over their window's prefix, (W, N, D) keys
     and values shared by the window's rows, then over the row's own (B, S, D) keys and
-    values with `mask` (T, S): one softmax over both. The prefix (the prompt) is the
-    same for a window's beams, so it is read once per window and never copied to grow
-    the cache or follow a beam's reordering; only the tokens decoded since move."""
+    values with `mask` (T, S): one softmax over both, `padding` (W, 1, 1, N + S) added
+    (the padding before a window's shorter prompt). The prefix (the prompt) is the same
+    for a window's beams, so it is read once per window and never copied to grow the
+    cache or follow a beam's reordering; only the tokens decoded since move."""
     pk, pv = prefix
     b, t, d = q.shape
     windows = pk.shape[0]
     own = _window_heads(_scores(q, k, n_head) + mask, windows)             # (W, H, gT, S)
     scores = ops.concat([_scores(_by_window(q, windows), pk, n_head), own], axis=3)
-    probs = ops.softmax(scores)
+    probs = ops.softmax(scores + padding.rebind([windows, 1, 1, pk.shape[1] + k.shape[1]]))
     n, s = pk.shape[1], k.shape[1]
     bounds = [ops.shape_to_tensor([x]).reshape([]) for x in (0 * n, n, n + s)]
     every = [slice(None)] * 3
@@ -307,12 +329,13 @@ def _attention_after_prefix(q: TensorValue, k: TensorValue, v: TensorValue, pref
 
 def residual_block(w: Weights, spec: ModelSpec, part: str, x: TensorValue, self_kv=None,
                    mask: TensorValue | None = None, cross: tuple[TensorValue, TensorValue] | None = None,
-                   on_cross=None, prefix: tuple[TensorValue, TensorValue] | None = None) -> TensorValue:
+                   on_cross=None, prefix: tuple[TensorValue, TensorValue, TensorValue] | None = None) -> TensorValue:
     """One block of `part` ("encoder" or "decoder"): x + f(ln(x)) for each sublayer of
     its `block`, weights named from the layer's prefix. Self-attention attends over
     `self_kv(k, v)` of its new keys and values (how a cache is kept is the caller's;
-    default: just them), `mask` added to its scores, after `prefix`, (W, P, D) keys and
-    values that each window's rows share, if given. Cross-attention attends over
+    default: just them), `mask` added to its scores, after `prefix`, (W, N, D) keys and
+    values that each window's rows share and their padding mask, if given.
+    Cross-attention attends over
     `cross`, (W, S, D) K and V with one row per window, the B rows grouped by window
     in runs of B/W (one row each, or a window's beams); `on_cross(q, k)` observes its
     queries."""
@@ -328,7 +351,7 @@ def residual_block(w: Weights, spec: ModelSpec, part: str, x: TensorValue, self_
             k, v = _linear(w, f"{p}.key", h, bias=False), _linear(w, f"{p}.value", h)
             k, v = self_kv(k, v) if self_kv else (k, v)
             o = (_attention(w, q, k, v, sizes.n_head, mask) if prefix is None
-                 else _attention_after_prefix(q, k, v, prefix, sizes.n_head, mask))
+                 else _attention_after_prefix(q, k, v, prefix[:2], sizes.n_head, mask, prefix[2]))
         else:
             k, v = cross
             o = _by_row(_attention(w, _by_window(q, k.shape[0]), k, v, sizes.n_head), *q.shape[:2])
@@ -406,7 +429,8 @@ def logits_head(w: Weights, spec: ModelSpec, x: TensorValue, at: TensorValue | N
 
 def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: bool) -> Graph:
     """The decoder step's block: (x (B, T, D), cached K and V (B, P, D), cross K and V
-    (W, S, D), the prefix's K and V (W, N, D), the causal mask (T, KV)) -> (x, the cache
+    (W, S, D), the prefix's K and V (W, N, D) and padding mask (W, 1, 1, N + KV), the
+    causal mask (T, KV)) -> (x, the cache
     grown to KV = P + T, and with `alignment` every head's scaled cross-attention scores
     (B, H, T, S) float32). MAX 26.7 admits no dimension expressions in a subgraph's
     signature, so the grown length comes in as the mask's own dimension."""
@@ -415,9 +439,10 @@ def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: 
     cache = TensorType(dt, ["batch", "past", dec.n_state], dev)
     cross = TensorType(dt, ["windows", "audio", dec.n_state], dev)
     prefix = TensorType(dt, ["windows", "prefix", dec.n_state], dev)
+    padding = TensorType(DType.float32, ["windows", 1, 1, "keys"], dev)
     mask = TensorType(DType.float32, ["seq", "kv"], dev)
 
-    def body(w, x, past_k, past_v, cross_k, cross_v, prefix_k, prefix_v, mask):
+    def body(w, x, past_k, past_v, cross_k, cross_v, prefix_k, prefix_v, padding, mask):
         grown, scores = [], []
 
         def self_kv(k, v):
@@ -429,12 +454,12 @@ def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: 
             scores.append(_alignment_rows(_scores(_by_window(q, k.shape[0]), k, dec.n_head), *q.shape[:2]))
 
         x = residual_block(w, spec, "decoder", x, self_kv, mask, (cross_k, cross_v), on_cross if alignment else None,
-                           (prefix_k, prefix_v))
+                           (prefix_k, prefix_v, padding))
         return [x, *grown, *scores]
 
     name = "decoder_block" + ("_alignment" if alignment else "")
     return _subgraph(g, name, spec, options, "decoder.blocks.0.",
-                     [rows, cache, cache, cross, cross, prefix, prefix, mask], body)
+                     [rows, cache, cache, cross, cross, prefix, prefix, padding, mask], body)
 
 
 def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), alignment: bool = False,
@@ -444,7 +469,10 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
     Inputs: tokens (B, T) int64, order (B,) int64: the cache row each output row
     continues, self K and V (L, B0, P, D), cross K and V (L, W, S, D) of the W windows
     whose rows (B = W x group, grouped by window) these are, the prefix's K and V
-    (L, W, N, D): positions before the cache's, one row per window (N may be 0),
+    (L, W, N, D): positions before the cache's, one row per window (N may be 0), pads
+    (W,) and row_pads (B,) int64: how many of the first positions of each window's (and
+    each row's window's) sequence are padding, not attended to, its positions counted
+    after them (prompts of unequal lengths step together, padded at the start),
     logits_at (K,) int64: the positions of T to give logits for, (B, K, V). The tokens
     sit at positions N + P ...; the caller keeps N + P + T <= decoder.n_ctx (the runtime
     checks it). Taps imply `alignment`.
@@ -461,6 +489,8 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
              TensorType(dtype, [L, "windows", "audio", D], device),
              TensorType(dtype, [L, "windows", "prefix", D], device),
              TensorType(dtype, [L, "windows", "prefix", D], device),
+             TensorType(DType.int64, ["windows"], device),
+             TensorType(DType.int64, ["batch"], device),
              TensorType(DType.int64, ["keep"], device)]
     names, extra = ["logits", "self_k", "self_v"], []
     heads_by_layer: dict[int, list[int]] = {}
@@ -470,19 +500,19 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
     with Graph(name, input_types=types, module=module) as g:
         block = _decoder_block(g, spec, options, alignment)  # first, as in encoder_graph
         w = Weights(g, spec, options)
-        tokens, order, self_k, self_v, cross_k, cross_v, prefix_k, prefix_v, logits_at = (v.tensor for v in g.inputs)
+        (tokens, order, self_k, self_v, cross_k, cross_v, prefix_k, prefix_v, pads, row_pads,
+         logits_at) = (v.tensor for v in g.inputs)
         # Beam reordering and dropping finished rows, fused into the step.
         self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)
         t, p, n = tokens.shape[1], self_k.shape[2], prefix_k.shape[2]
-        start = ops.shape_to_tensor([n + p]).reshape([])
-        stop = ops.shape_to_tensor([n + p + t]).reshape([])
-        pos = ops.slice_tensor(w("decoder.positional_embedding"), [(slice(start, stop), t), slice(None)])
-        x = embed_tokens(w, tokens) + pos
+        x = embed_tokens(w, tokens) + ops.gather(w("decoder.positional_embedding"),
+                                                 _positions(n + p, t, row_pads, device), axis=0)
         mask = _causal_mask(t, p, device).rebind([t, "kv"])
+        padding = _padding(pads, n + p + t, device).rebind([cross_k.shape[1], 1, 1, "keys"])
         new_k, new_v, qks = [], [], []
         for i in range(L):
             x, k, v, *scores = _call(block, x, self_k[i], self_v[i], cross_k[i], cross_v[i], prefix_k[i],
-                                     prefix_v[i], mask, prefix=f"decoder.blocks.{i}.")
+                                     prefix_v[i], padding, mask, prefix=f"decoder.blocks.{i}.")
             new_k.append(k.rebind([k.shape[0], p + t, D]))
             new_v.append(v.rebind([v.shape[0], p + t, D]))
             if i in heads_by_layer:

@@ -282,18 +282,19 @@ def _cross_rows(window: np.ndarray) -> np.ndarray:
 def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingOptions,
            prompts: list[list[int]] | None = None) -> list[DecodingResult]:
     """Decode a batch of windows whose cross-attention K/V are `cross`; one result each.
-    `prompts`: each window's previous text (default: `opts.prompt` for all); they must
-    give prefixes of one length, since the rows step together."""
+    `prompts`: each window's previous text (default: `opts.prompt` for all). Shorter
+    prompts are padded at the start to the longest, so that every row steps together;
+    the model never attends to the padding (runtime.decode's `pads`)."""
     cross_k, cross_v = cross
     n_win, group = cross_k.shape[1], opts.group
     tok = tok.with_language(opts.language or tok.language, opts.task)
     prefixes = [initial_tokens(tok, opts, p) for p in (prompts if prompts is not None else [None] * n_win)]
-    if len(prefixes) != n_win or len({len(p) for p in prefixes}) != 1:
-        raise ValueError(f"{n_win} windows need {n_win} prompts of one length, found lengths "
-                         f"{[len(p) for p in prefixes]}")
-    prefix = prefixes[0]
-    sot_index = prefix.index(tok.sot)
-    sample_begin = len(prefix)
+    if len(prefixes) != n_win:
+        raise ValueError(f"{n_win} windows need {n_win} prompts, found {len(prefixes)}")
+    sample_begin = max(map(len, prefixes))
+    pads = [sample_begin - len(p) for p in prefixes]
+    prefixes = [[tok.eot] * pad + p for pad, p in zip(pads, prefixes)]
+    sot_index = prefixes[0].index(tok.sot, pads[0]) - sample_begin  # from the end: the same in every row
     sample_len = opts.sample_len or tok.spec.decoder.n_ctx // 2
     sample_len = min(sample_len, tok.spec.decoder.n_ctx - sample_begin)
     rules = LogitRules(tok, opts, sample_begin)
@@ -303,10 +304,10 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     # Logits at two positions only: <|startoftranscript|> (no-speech) and the last.
     # The prompt's K/V become the windows' shared prefix (runtime.DecoderState).
     logits, state, _ = model.decode(np.array(prefixes, np.int64), model.start(cross_k, cross_v),
-                                    logits_at=[sot_index, -1])
+                                    logits_at=[sot_index, -1], pads=pads)
     prompted = state
     no_speech = np.exp(log_softmax(logits[:, 0])[:, tok.no_speech])
-    if group == 1 and opts.temperature == 0 and model.greedy_on_device:
+    if group == 1 and opts.temperature == 0 and model.greedy_on_device and not any(pads):
         tokens, sums = model.greedy(logits[:, -1], state, rules.always, rules.begin, sample_len,
                                     tok.eot, tok.timestamp_begin)
         # A row that ran out of length ends as if <|endoftext|> came next, as in _finish.

@@ -49,15 +49,17 @@ class DecoderState:
     """One batch's decoder state on the device: the self-attention cache of each row,
     (L, B, P, D); per row of the cross K/V (L, W, S, D), the K/V of a prefix, (L, W, N, D),
     the positions before the cache's that a window's rows share (the prompt: a prompt
-    pass from `start` keeps its K/V there when it has one row per window); `length`,
-    N + P."""
+    pass from `start` keeps its K/V there when it has one row per window) and how many
+    of its first positions are padding (pads, (W,) int64: prompts of unequal lengths,
+    padded at the start); `length`, N + P."""
     self_k: Buffer
     self_v: Buffer
     cross_k: Buffer
     cross_v: Buffer
     length: int
-    prefix_k: Buffer | None = None
-    prefix_v: Buffer | None = None
+    prefix_k: Buffer
+    prefix_v: Buffer
+    pads: np.ndarray
 
 
 class CompiledWhisper:
@@ -149,7 +151,7 @@ class CompiledWhisper:
         """An empty self-attention cache for the batch that `cross_k` belongs to."""
         L, b, _, d = cross_k.shape
         empty = Buffer.zeros((L, b, 0, d), self.dtype, self.device)
-        return DecoderState(empty, empty, cross_k, cross_v, 0, empty, empty)
+        return DecoderState(empty, empty, cross_k, cross_v, 0, empty, empty, np.zeros(b, np.int64))
 
     def windows(self, state: DecoderState, rows, of: DecoderState | None = None) -> DecoderState:
         """`state` with the cross K/V and prefix rows `rows` of `of` (default: of
@@ -158,7 +160,7 @@ class CompiledWhisper:
         of = of or state
         ck, cv = self.select_pair((of.cross_k, of.cross_v), rows)
         pk, pv = self.select_pair((of.prefix_k, of.prefix_v), rows)
-        return replace(state, cross_k=ck, cross_v=cv, prefix_k=pk, prefix_v=pv)
+        return replace(state, cross_k=ck, cross_v=cv, prefix_k=pk, prefix_v=pv, pads=of.pads[np.asarray(rows)])
 
     def select(self, x: Buffer, rows) -> Buffer:
         """Rows of a stacked (L, B, S, D) buffer, on the device: keep only the unfinished
@@ -172,15 +174,17 @@ class CompiledWhisper:
             return pair
         return self.select(pair[0], rows), self.select(pair[1], rows)
 
-    def decode(self, tokens: np.ndarray, state: DecoderState, order=None,
-               logits_at=None) -> tuple[np.ndarray, DecoderState, list[Buffer]]:
+    def decode(self, tokens: np.ndarray, state: DecoderState, order=None, logits_at=None,
+               pads=None) -> tuple[np.ndarray, DecoderState, list[Buffer]]:
         """Feed tokens (B, T) after the cached ones; returns logits (B, K, V) at the
         positions `logits_at` (default: all T; negative ones count from the end), the
         grown state, and the tap outputs (empty unless compiled with taps). Row b
         continues cache row `order[b]` (default: row b), so beams reorder inside the step.
         The state's W cross K/V rows serve the B rows in order, B/W consecutive rows each
-        (a window's beams)."""
-        return self._step(self._decoder, tokens, state, order, logits_at)
+        (a window's beams). `pads`, for a prompt pass from `start` with one row per
+        window: how many of each row's first tokens are padding (prompts of unequal
+        lengths, padded at the start to step together); they are never attended to."""
+        return self._step(self._decoder, tokens, state, order, logits_at, pads)
 
     def align(self, tokens: np.ndarray, state: DecoderState) -> tuple[np.ndarray, np.ndarray]:
         """One pass of the alignment decoder over a state from `start`: logits (B, T, V)
@@ -200,6 +204,8 @@ class CompiledWhisper:
         # The loop keeps one cache per row: the prompt's (one row per window) or the rows'.
         if state.prefix_k.shape[2] and state.self_k.shape[2]:
             raise ValueError("greedy decoding continues a prompt pass, not a state with steps after it")
+        if state.pads.any():
+            raise ValueError("greedy decoding on the device takes prompts of one length, unpadded")
         k, v = (state.prefix_k, state.prefix_v) if state.prefix_k.shape[2] else (state.self_k, state.self_v)
         tokens, sum_logprob, n = self._greedy_loop(eot, timestamp_begin).execute(
             self._put(first_logits.astype(np.float32)), k, v, state.cross_k, state.cross_v,
@@ -226,7 +232,7 @@ class CompiledWhisper:
                     self.spec, eot, timestamp_begin, self.options, module))
         return self._greedy
 
-    def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at):
+    def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at, pads=None):
         tokens = np.asarray(tokens, dtype=np.int64)
         n_ctx, rows = self.spec.decoder.n_ctx, state.self_k.shape[1]
         windows = state.cross_k.shape[1]
@@ -247,8 +253,16 @@ class CompiledWhisper:
         at = np.arange(t, dtype=np.int64) if logits_at is None else np.asarray(logits_at, np.int64).reshape(-1)
         if at.size and (at.min() < -t or at.max() >= t):
             raise ValueError(f"logits_at must be positions of the {t} new tokens, found {at.tolist()}")
+        if pads is not None:
+            pads = np.asarray(pads, np.int64)
+            if state.length or tokens.shape[0] != windows or pads.shape != (windows,) or \
+                    (pads.size and (pads.min() < 0 or pads.max() >= t)):
+                raise ValueError(f"pads are for a prompt pass from `start`, one per window, each below the "
+                                 f"{t} tokens, found {pads.tolist()} for {tokens.shape[0]} rows")
+            state = replace(state, pads=pads)
         logits, k, v, *taps = graph.execute(self._put(tokens), self._put(order), state.self_k, state.self_v,
                                             state.cross_k, state.cross_v, state.prefix_k, state.prefix_v,
+                                            self._put(state.pads), self._put(np.repeat(state.pads, tokens.shape[0] // windows)),
                                             self._put(at % max(t, 1)))
         length = state.length + tokens.shape[1]
         if state.length == 0 and tokens.shape[0] == windows and np.array_equal(order, np.arange(windows)):

@@ -27,8 +27,7 @@ SAMPLE_RATE = 16000
 class StreamOptions:
     """`update_seconds`: new audio that triggers the next decoding. `max_buffer_seconds`:
     the buffer is cut after its last committed word when it grows longer. `prompt_tokens`:
-    how many tokens of committed text prompt each decoding (a fixed length, so that
-    streams' decodings step together in one batch). `end_silence_seconds`: the silence
+    how many tokens of committed text prompt each decoding, at most. `end_silence_seconds`: the silence
     after the last word that ends an utterance. `speech_threshold`: the speech detector's
     probability above which a 32 ms window is speech."""
     language: str | None = None

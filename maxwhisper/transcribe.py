@@ -346,7 +346,7 @@ class DecodingPlan:
 class StreamBatch:
     """The audios being transcribed side by side, each with its own options. Every
     `step` encodes the current window of every stream in one call and decodes them in
-    groups of equal options, language and prompt length; streams may be admitted or
+    groups of equal options and language; streams may be admitted or
     cancelled between steps, so a caller can keep the batch full as audios come and go.
 
     `progress(key, frames, total_frames)` follows each stream's seek;
@@ -420,7 +420,10 @@ class StreamBatch:
             return 0
         groups: dict[tuple, list[int]] = {}
         for row, (_, stream, plan, _, _) in enumerate(heard):
-            key = (plan.group, stream.tok.language, prompt_length(stream.tok, stream.prompt))
+            # Prompts of any length decode together (padded, decoding.decode), but the
+            # device's greedy loop takes them of one length.
+            key = (plan.group, stream.tok.language,
+                   prompt_length(stream.tok, stream.prompt) if runtime.greedy_on_device else None)
             groups.setdefault(key, []).append(row)
         for rows in groups.values():
             try:

@@ -227,3 +227,27 @@ def test_batched_files_equal_one_by_one(tiny_en, monkeypatch):
         assert [w["word"] for w in words_one] == [w["word"] for w in words_many]
         assert [t for w in words_one for t in (w["start"], w["end"])] == pytest.approx(
             [t for w in words_many for t in (w["start"], w["end"])], abs=0.011)
+
+
+@pytest.mark.parametrize("search", [dict(), dict(beam_size=5)])
+def test_prompts_of_unequal_lengths_decode_together(tiny_en, search):
+    """Windows whose previous texts differ in length decode in one batch, the shorter
+    prompts padded at the start and masked: each window's tokens equal its own decoding
+    alone, and no padding reaches the logits (the first window has no prompt at all)."""
+    from maxwhisper.audio import log_mel_spectrogram
+
+    rt, tok = tiny_en.runtime, tiny_en.tokenizer
+    a = tiny_en.spec.audio
+    mels = [log_mel_spectrogram(load_audio(str(SPEECH_DIR / f"{n}.wav")), a)[:, : a.n_frames] for n in ("02", "03", "04")]
+    mel = np.stack([np.pad(m, ((0, 0), (0, a.n_frames - m.shape[1]))) for m in mels]).astype(np.float32)
+    _, ck, cv = rt.encode(mel)[:3]
+    prompts = [[], tok.encode(" Please call Stella."), tok.encode(" The weather was cold and windy, so the children "
+                                                                 "stayed inside and played games all afternoon.")]
+    opts = decoding.DecodingOptions(language="en", **search)
+    together = decoding.decode(rt, tok, (ck, cv), opts, prompts=prompts)
+    for w, prompt in enumerate(prompts):
+        alone, = decoding.decode(rt, tok, rt.select_pair((ck, cv), [w]), opts, prompts=[prompt])
+        assert together[w].tokens == alone.tokens, w
+        assert together[w].avg_logprob == pytest.approx(alone.avg_logprob, abs=1e-4)
+        assert together[w].no_speech_prob == pytest.approx(alone.no_speech_prob, abs=1e-5)
+    assert len({len(p) for p in prompts}) == 3 and all(r.tokens for r in together)
