@@ -237,8 +237,8 @@ def _causal_mask(t, p, device: DeviceRef) -> TensorValue:
 def _positions(start, t, row_pads: TensorValue, device: DeviceRef) -> TensorValue:
     """(B, T) positions of T new tokens after `start` in each row, counted after the
     row's padding (the padding's own positions, never attended to, clamp at 0)."""
-    zero, one = (ops.constant(v, DType.int64, device) for v in (0, 1))
-    first = ops.shape_to_tensor([start]).reshape([]) - row_pads.reshape([-1, 1])
+    zero, one = (ops.constant(v, DType.int64, DeviceRef.CPU()) for v in (0, 1))  # range's bounds: on the host
+    first = ops.shape_to_tensor([start]).reshape([]).to(device) - row_pads.reshape([-1, 1])
     steps = ops.range(zero, ops.shape_to_tensor([t]).reshape([]), one, out_dim=t, device=device,
                       dtype=DType.int64)
     return ops.max(first + steps.reshape([1, -1]), 0)
@@ -247,7 +247,7 @@ def _positions(start, t, row_pads: TensorValue, device: DeviceRef) -> TensorValu
 def _padding(pads: TensorValue, keys, device: DeviceRef) -> TensorValue:
     """(W, 1, 1, keys) additive mask of each window's first `pads` positions. Finite, not
     -inf: a padding query sees only padding keys, and a softmax over all -inf is NaN."""
-    zero, one = (ops.constant(v, DType.int64, device) for v in (0, 1))
+    zero, one = (ops.constant(v, DType.int64, DeviceRef.CPU()) for v in (0, 1))  # range's bounds: on the host
     at = ops.range(zero, ops.shape_to_tensor([keys]).reshape([]), one, out_dim=keys, device=device,
                    dtype=DType.int64)
     blocked = at.reshape([1, -1]) < pads.reshape([-1, 1])
