@@ -426,18 +426,31 @@ class StreamBatch:
                    prompt_length(stream.tok, stream.prompt) if runtime.greedy_on_device else None)
             groups.setdefault(key, []).append(row)
         for rows in groups.values():
-            try:
-                cross = runtime.select_pair((ck, cv), rows)
-                streams = [heard[r][1] for r in rows]
-                plan = heard[rows[0]][2]
-                results = _decode_with_fallback(runtime, streams[0].tok, cross, [s.prompt for s in streams], plan)
-                for k, (r, result) in enumerate(zip(rows, results)):
-                    key, stream, _, frames, _ = heard[r]
-                    self._advance(key, stream, plan, result,
-                                  runtime.select_pair(cross, [k]) if plan.cfg["word_timestamps"] else None, frames)
-            except Exception as e:
-                self._fail([heard[r][0] for r in rows], e)
+            self._decode(heard, rows, ck, cv)
         return len(heard)
+
+    def _decode(self, heard: list, rows: list[int], ck, cv) -> None:
+        """Decode one group's windows together; if that fails, each window alone, so that
+        a failure stays with the streams that cause it."""
+        runtime = self.model.runtime
+        plan, streams = heard[rows[0]][2], [heard[r][1] for r in rows]
+        try:
+            cross = runtime.select_pair((ck, cv), rows)
+            results = _decode_with_fallback(runtime, streams[0].tok, cross, [s.prompt for s in streams], plan)
+        except Exception as e:
+            if len(rows) == 1:
+                self._fail([heard[rows[0]][0]], e)
+            else:
+                for r in rows:
+                    self._decode(heard, [r], ck, cv)
+            return
+        for k, (r, result) in enumerate(zip(rows, results)):
+            key, stream, _, frames, _ = heard[r]
+            try:
+                self._advance(key, stream, plan, result,
+                              runtime.select_pair(cross, [k]) if plan.cfg["word_timestamps"] else None, frames)
+            except Exception as e:
+                self._fail([key], e)
 
     def _advance(self, key, stream: _Stream, plan: DecodingPlan, result, cross, frames: int) -> None:
         before, n_segments = stream.seek, len(stream.segments)
