@@ -90,6 +90,74 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return y - np.log(np.sum(np.exp(y), axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class LogProbs:
+    """`log_softmax(logits)` row by row, formed only where it is read: a beam step reads
+    a few entries of each row, not all 51864. `(logits - top) - norm` is log_softmax's
+    own float32 arithmetic, so every entry equals it bit for bit."""
+    logits: np.ndarray  # (B, V)
+    top: np.ndarray     # (B, 1): each row's max
+    norm: np.ndarray    # (B, 1): log of the sum of exp(logits - top), summed in float64
+
+    @classmethod
+    def of(cls, logits: np.ndarray, top: np.ndarray | None = None) -> LogProbs:
+        logits = np.asarray(logits, np.float32)
+        top = np.max(logits, axis=-1, keepdims=True) if top is None else top
+        norm = np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+        return cls(logits, top, norm)
+
+    def at(self, rows, cols) -> np.ndarray:
+        """Entries at (rows, cols), broadcast as numpy indexes them."""
+        rows = np.asarray(rows)
+        return (self.logits[rows, cols] - self.top[rows, 0]) - self.norm[rows, 0]
+
+    def columns(self, cols: slice) -> np.ndarray:
+        return (self.logits[:, cols] - self.top) - self.norm
+
+    def renormed(self, rows: np.ndarray) -> LogProbs:
+        """The same after `logits[rows]` changed."""
+        if not len(rows):
+            return self
+        again = LogProbs.of(self.logits[rows])
+        top, norm = self.top.copy(), self.norm.copy()
+        top[rows], norm[rows] = again.top, again.norm
+        return LogProbs(self.logits, top, norm)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) of each row, accumulated in float64 (openai-whisper's logsumexp)."""
+    top = np.max(x, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return (top + np.log(np.sum(np.exp(x.astype(np.float64) - top), axis=-1, keepdims=True)))[:, 0]
+
+
+# Columns per peak in `largest`: 64 leaves 810 peaks of a 51864-token row to rank.
+_PEAK_STRIDE = 64
+
+
+def largest(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices (B, k) of each row's k largest entries, in no order; ties broken as
+    argpartition breaks them. The row's columns are dealt into n interleaved sets and
+    each set's maximum taken (one pass, as a reduction over whole rows); the k-th largest
+    of these n maxima bounds the row's k-th largest entry from below, so only the sets
+    whose maximum reaches it are searched: a few hundred entries instead of the row."""
+    b, v = x.shape
+    n = v // _PEAK_STRIDE
+    if n <= k:
+        return np.argpartition(-x, k - 1, axis=-1)[:, :k]
+    body = x[:, : n * _PEAK_STRIDE].reshape(b, _PEAK_STRIDE, n)
+    peaks = body.max(axis=1)
+    bar = np.partition(peaks, n - k, axis=-1)[:, n - k]
+    tail = np.arange(n * _PEAK_STRIDE, v)
+    out = np.empty((b, k), np.int64)
+    for r in range(b):
+        sets = np.flatnonzero(peaks[r] >= bar[r])
+        cols = np.concatenate([(np.arange(_PEAK_STRIDE)[:, None] * n + sets).ravel(), tail])
+        out[r] = cols[np.argpartition(-x[r, cols], k - 1)[:k]]
+    return out
+
+
 def suppressed_tokens(tok: WhisperTokenizer, suppress: str | list[int] | None) -> list[int]:
     if isinstance(suppress, str):
         suppress = [int(t) for t in suppress.split(",") if t.strip()]
@@ -131,11 +199,14 @@ class LogitRules:
             begin[tb + self.max_initial + 1:] = NEG_INF
         return always, begin
 
-    def __call__(self, logits: np.ndarray, tokens: list[list[int]]) -> np.ndarray:
-        """logits (B, V) for the next token after `tokens` (each row the full sequence)."""
-        logits = logits + self.always + (self.begin if len(tokens[0]) == self.sample_begin else 0)
+    def __call__(self, logits: np.ndarray, tokens: list[list[int]]) -> LogProbs:
+        """logits (B, V) for the next token after `tokens` (each row the full sequence)
+        -> the filtered logits' log-probabilities."""
+        logits = logits + self.always
+        if len(tokens[0]) == self.sample_begin:
+            logits += self.begin
         if not self.timestamps:
-            return logits
+            return LogProbs.of(logits)
         tok, tb = self.tok, self.tok.timestamp_begin
         for k, seq in enumerate(tokens):
             sampled = seq[self.sample_begin:]
@@ -152,11 +223,13 @@ class LogitRules:
                 last = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
                 logits[k, tb:last] = NEG_INF
         # When the timestamps together outweigh every text token, emit a timestamp.
-        logprobs = log_softmax(logits)
-        ts_mass = np.logaddexp.reduce(logprobs[:, tb:], axis=-1)
-        text_max = np.max(logprobs[:, :tb], axis=-1)
-        logits[ts_mass > text_max, :tb] = NEG_INF
-        return logits
+        text_top = np.max(logits[:, :tb], axis=-1, keepdims=True)
+        probs = LogProbs.of(logits, np.maximum(text_top, np.max(logits[:, tb:], axis=-1, keepdims=True)))
+        ts_mass = _logsumexp(probs.columns(slice(tb, None)))
+        text_max = ((text_top - probs.top) - probs.norm)[:, 0]
+        flip = np.flatnonzero(ts_mass > text_max)
+        logits[flip, :tb] = NEG_INF
+        return probs.renormed(flip)
 
 
 def detect_language(model: CompiledWhisper, tok: WhisperTokenizer, cross) -> tuple[list[str], list[dict[str, float]]]:
@@ -203,17 +276,18 @@ class _Rows:
         self.window, self.tokens, self.sum_logprob = window, tokens, sum_logprob
 
 
-def _sample_step(rows: _Rows, logprobs, filtered, opts, rng, eot, done_out):
+def _sample_step(rows: _Rows, logprobs: LogProbs, opts, rng, eot, done_out):
     """Greedy or sampled next token per row. Finished rows go to `done_out[window]`;
     returns (next tokens, source rows) of the rows that go on."""
     if opts.temperature == 0:
-        nxt = np.argmax(filtered, axis=-1)
+        nxt = np.argmax(logprobs.logits, axis=-1)
     else:
-        p = np.exp(log_softmax(filtered / opts.temperature))
+        p = np.exp(log_softmax(logprobs.logits / opts.temperature))
         nxt = np.array([rng.choice(p.shape[-1], p=row / row.sum()) for row in p])
     keep = []
+    chosen = logprobs.at(np.arange(len(nxt)), nxt)
     for r, t in enumerate(nxt):
-        rows.sum_logprob[r] += logprobs[r, t]
+        rows.sum_logprob[r] += chosen[r]
         rows.tokens[r].append(int(t))
         if t == eot:
             done_out[rows.window[r]].append((rows.tokens[r], float(rows.sum_logprob[r])))
@@ -225,19 +299,21 @@ def _sample_step(rows: _Rows, logprobs, filtered, opts, rng, eot, done_out):
     return nxt[keep], keep
 
 
-def _beam_step(rows: _Rows, logprobs, opts, eot, done_out, max_candidates):
+def _beam_step(rows: _Rows, logprobs: LogProbs, opts, eot, done_out, max_candidates):
     """openai-whisper's beam update: each beam's beam_size + 1 best continuations; per
     window the beam_size best unfinished ones go on, finished ones are kept as candidates
     until the window has `max_candidates`. Returns (next tokens, source rows)."""
     beam = opts.beam_size
     keep, new_tokens, new_sum = [], [], []
+    tops = largest(logprobs.logits, beam + 1)
+    values = logprobs.at(np.arange(len(tops))[:, None], tops)
     for w in dict.fromkeys(rows.window.tolist()):
         scores: dict[tuple, tuple[float, int]] = {}
         for r in np.flatnonzero(rows.window == w):
-            top = np.argpartition(-logprobs[r], beam)[: beam + 1]
-            for t in top[np.argsort(-logprobs[r, top], kind="stable")]:
-                if np.isfinite(logprobs[r, t]):
-                    scores[tuple(rows.tokens[r]) + (int(t),)] = (rows.sum_logprob[r] + logprobs[r, t], r)
+            order = np.argsort(-values[r], kind="stable")
+            for t, lp in zip(tops[r, order], values[r, order]):
+                if np.isfinite(lp):
+                    scores[tuple(rows.tokens[r]) + (int(t),)] = (rows.sum_logprob[r] + lp, r)
         finished, survivors = [], []
         for seq in sorted(scores, key=lambda q: scores[q][0], reverse=True):
             score, source = scores[seq]
@@ -320,12 +396,11 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     done: list[list[tuple[list[int], float]]] = [[] for _ in range(n_win)]
     cross_windows = np.arange(n_win)  # the window of each row of the state's cross K/V
     for step in range(sample_len):
-        filtered = rules(logits, rows.tokens)
-        logprobs = log_softmax(filtered)
+        logprobs = rules(logits, rows.tokens)
         if opts.beam_size:
             nxt, keep = _beam_step(rows, logprobs, opts, tok.eot, done, max_candidates)
         else:
-            nxt, keep = _sample_step(rows, logprobs, filtered, opts, rng, tok.eot, done)
+            nxt, keep = _sample_step(rows, logprobs, opts, rng, tok.eot, done)
         if not len(keep) or step == sample_len - 1:
             break
         order = source[keep] if step == 0 else keep  # step 0 continues the prompt's cache rows

@@ -47,7 +47,7 @@ def test_beam_step_equals_openai(seed, patience):
         ours_in = logits[[w * beam + j for w in range(n_audio) for j in range(beam)
                           if w in set(rows.window.tolist())]]
         ref_tokens, completed = ref.update(ref_tokens, torch.from_numpy(logits).float(), ref_sum)
-        nxt, keep = decoding._beam_step(rows, decoding.log_softmax(ours_in.astype(np.float32)), opts, eot, done,
+        nxt, keep = decoding._beam_step(rows, decoding.LogProbs.of(ours_in.astype(np.float32)), opts, eot, done,
                                         max_candidates)
         for w in range(n_audio):
             assert [list(s) for s in ref.finished_sequences[w]] == [s for s, _ in done[w]], (step, w)
@@ -62,6 +62,40 @@ def test_beam_step_equals_openai(seed, patience):
     ref_final, ref_lp = ref.finalize(ref_tokens.reshape(n_audio, beam, -1), ref_sum.reshape(n_audio, beam))
     for w in range(n_audio):
         assert [t.tolist() for t in ref_final[w]] == [s for s, _ in done[w]]
+
+
+@pytest.mark.parametrize("k", [1, 6, 11])
+def test_largest_entries_equal_a_full_partition(k):
+    """A beam step's candidates: each row's k largest logits, found from the maxima of
+    interleaved column sets, are those of a full partition, also where most of a row is
+    -inf (suppressed tokens, timestamps), where few entries are finite, and on ties."""
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((12, 51864)) * 4).astype(np.float32)
+    x[1, :50257] = -np.inf  # only timestamps left
+    x[2, 7:] = -np.inf      # fewer finite entries than some k
+    x[3, rng.choice(51864, 40, replace=False)] = 30.0  # ties at the top
+    x[4, 51850:] = 50.0     # the largest past the last full set of columns
+    x[5] = np.round(x[5])   # ties everywhere
+    got = decoding.largest(x, k)
+    assert got.shape == (12, k)
+    want = np.sort(np.partition(x, x.shape[1] - k, axis=-1)[:, -k:], axis=-1)
+    np.testing.assert_array_equal(np.sort(np.take_along_axis(x, got, -1), axis=-1), want)
+    assert all(len(set(row)) == k for row in got.tolist())
+
+
+def test_log_probs_equal_log_softmax_entry_for_entry():
+    """The beam step reads log-probabilities entry by entry: each equals the whole
+    row's log_softmax bit for bit, before and after rows are renormalised."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 51864)) * 3).astype(np.float32)
+    x[2, 100:] = -np.inf
+    lp = decoding.LogProbs.of(x)
+    np.testing.assert_array_equal(lp.columns(slice(None)), decoding.log_softmax(x))
+    cols = rng.integers(0, 51864, (7, 5))
+    np.testing.assert_array_equal(lp.at(np.arange(7)[:, None], cols),
+                                  np.take_along_axis(decoding.log_softmax(x), cols, -1))
+    x[[1, 4], :50257] = -np.inf
+    np.testing.assert_array_equal(lp.renormed(np.array([1, 4])).columns(slice(None)), decoding.log_softmax(x))
 
 
 def test_cross_rows_one_per_window_when_groups_are_equal():
