@@ -53,7 +53,7 @@ class Whisper:
         openai-whisper's `transcribe()` (language, task, temperature, ...): a
         `TranscribeOptions`, keyword overrides of its fields, or both. With
         `vad_filter=True`, `batch_size` > 1 decodes the speech as up to `batch_size`
-        sections side by side, cut at long pauses."""
+        sections side by side, made of chunks cut at pauses."""
         return transcribe(self, self._samples(audio), options, batch_size=batch_size, **overrides)
 
     def transcribe_many(self, audios, options: TranscribeOptions | None = None, batch_size: int = 8,

@@ -1,7 +1,7 @@
 """The parts of an audio that are transcribed: the spans that `clip_timestamps` names,
 narrowed to speech by the VAD; joined into one audio (decoded in order, each window
-prompted with the text before it) or cut at long pauses into sections (decoded side by
-side, each with its own previous text); and the times of what was decoded mapped back
+prompted with the text before it) or cut at pauses into chunks of one window, dealt
+into sections (decoded side by side, each with its own previous text); and the times of what was decoded mapped back
 onto the original timeline."""
 
 from __future__ import annotations
@@ -107,12 +107,13 @@ def speech_spans(probs: list[np.ndarray], spans: list[tuple[int, int]], vad: Vad
 
 def speech_sections(probs: list[np.ndarray], spans: list[tuple[int, int]], vad: VadOptions, sample_rate: int,
                     sections: int, chunk_s: float = CHUNK_S) -> list[Timeline]:
-    """The speech inside the spans (from their `probabilities`) cut into up to
-    `sections` parts of about equal length (none shorter than `chunk_s` where the speech
-    allows), each cut at the longest pause near its equal share: a gap between speech
-    spans, or a run of windows below the VAD's silence threshold inside one. Each part
-    is then read as a long-form audio of its own, its windows prompted with the text
-    before them, so only a part's first window goes without the previous text."""
+    """The speech inside the spans (from their `probabilities`) cut at pauses into
+    chunks of at most `chunk_s` (one window each), dealt in order into up to `sections`
+    parts of consecutive chunks (`_sections`). A pause is a gap between speech spans, or
+    a run of windows below the VAD's silence threshold inside one. Each part is then
+    read as a long-form audio of its own whose windows never cross a chunk's end, each
+    prompted with the text before it, so only a part's first window goes without the
+    previous text."""
     speech, pauses = [], []
     for p, (a, b) in zip(probs, spans):
         found = [(a + s, a + e) for s, e in speech_timestamps(p, b - a, vad)]
@@ -142,39 +143,61 @@ def _pauses(probs: np.ndarray, speech: list[tuple[int, int]], offset: int,
 
 def _sections(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]], sample_rate: int,
               sections: int, chunk_s: float) -> list[Timeline]:
+    """Chunks of at most `chunk_s` of speech, each ended at the longest pause in its last
+    third (else at its latest pause, else where `chunk_s` runs out), so that a window
+    holds a chunk whole and sees where its speech stops. The chunks go in order into
+    as few rounds of `sections` windows as they need, as many parts as that leaves
+    (each part decodes one chunk a round), so no round runs nearly empty."""
     starts = np.cumsum([0] + [e - s for s, e in speech])
-    total = int(starts[-1])
-    n = max(1, min(sections, int(total // (chunk_s * sample_rate))))
-    share = total / n
+    total, limit = int(starts[-1]), int(chunk_s * sample_rate)
 
     def content(x: int) -> int:  # speech before sample x
         k = bisect.bisect_right([s for s, _ in speech], x) - 1
         return 0 if k < 0 else int(starts[k] + min(x, speech[k][1]) - speech[k][0])
 
-    def part(x: int, y: int) -> Timeline:
-        return Timeline(tuple((max(s, x), min(e, y)) for s, e in speech if min(e, y) > max(s, x)), sample_rate)
+    def at(c: int) -> int:  # the sample where c samples of speech have gone by
+        i = int(np.searchsorted(starts, c, side="right")) - 1
+        return int(speech[i][0] + c - starts[i])
 
-    bounds = [(speech[0][0], None)]
-    for k in range(1, n):
-        target = k * share
-        near = [p for p in pauses if abs(content(p[0]) - target) <= share / 4 and p[0] > bounds[-1][0]]
-        if near:
-            stop, start, _ = max(near, key=lambda p: (p[2], -abs(content(p[0]) - target)))
-        else:  # no pause near the share: cut inside the speech, where the share ends
-            i = int(np.searchsorted(starts, target, side="right")) - 1
-            stop = start = int(speech[i][0] + target - starts[i])
-        bounds[-1] = (bounds[-1][0], stop)
-        bounds.append((start, None))
-    bounds[-1] = (bounds[-1][0], speech[-1][1])
-    return [line for line in (part(x, y) for x, y in bounds) if line.spans]
+    placed = [(content(stop), stop, start, length) for stop, start, length in pauses]
+    chunks, x, done = [], speech[0][0], 0
+    while total - done > limit:
+        inside = [p for p in placed if done < p[0] <= done + limit and p[1] > x]
+        late = [p for p in inside if p[0] > done + 2 * limit // 3]
+        if late:
+            _, stop, start, _ = max(late, key=lambda p: (p[3], p[0]))
+        elif inside:
+            _, stop, start, _ = inside[-1]
+        else:
+            stop = start = at(done + limit)
+        chunks.append((x, stop))
+        x, done = start, content(start)
+    chunks.append((x, speech[-1][1]))
+
+    def part(x: int, y: int) -> tuple[tuple[int, int], ...]:
+        return tuple((max(s, x), min(e, y)) for s, e in speech if min(e, y) > max(s, x))
+
+    rounds = math.ceil(len(chunks) / max(sections, 1))
+    n = math.ceil(len(chunks) / rounds)
+    lines = []
+    for k in range(n):
+        spans, breaks = (), []
+        for x, y in chunks[k * len(chunks) // n:(k + 1) * len(chunks) // n]:
+            spans += part(x, y)
+            breaks.append(int(sum(b - a for a, b in spans)))
+        if spans:
+            lines.append(Timeline(spans, sample_rate, tuple(breaks)))
+    return lines
 
 
 @dataclass(frozen=True)
 class Timeline:
     """Spans of the original audio laid end to end: where each starts in the joined
-    audio, and where it came from."""
+    audio, and where it came from. `breaks`: positions in the joined audio (samples)
+    that no window crosses, the ends of its chunks."""
     spans: tuple[tuple[int, int], ...]
     sample_rate: int
+    breaks: tuple[int, ...] = ()
 
     @property
     def joined_starts(self) -> list[int]:
@@ -186,7 +209,7 @@ class Timeline:
 
     def joined(self, source) -> Joined:
         """The spans of `source` (the audio they were found in) laid end to end."""
-        return Joined(source, self.spans)
+        return Joined(source, self.spans, self.breaks)
 
     def original(self, seconds: float, is_end: bool = False) -> float:
         """A time in the joined audio on the original timeline. An end that falls on a
@@ -217,9 +240,11 @@ class Timeline:
 @dataclass(frozen=True, eq=False)
 class Joined:
     """A source's spans laid end to end, as a `Spectrogram` reads its source: block by
-    block, each time it is read, so that a part of an hour never sits in memory whole."""
+    block, each time it is read, so that a part of an hour never sits in memory whole.
+    `breaks`: the Timeline's."""
     source: object
     spans: tuple[tuple[int, int], ...]
+    breaks: tuple[int, ...] = ()
 
     def blocks(self):
         for _, samples in pieces(self.source, list(self.spans)):

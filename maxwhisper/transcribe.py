@@ -60,6 +60,8 @@ class _Stream:
         self.spectrogram = audio if isinstance(audio, Spectrogram) else Spectrogram(audio, model.spec.audio)
         self.tok, self.floor = tok, floor
         self.content_frames = self.spectrogram.content_frames
+        # Where windows end: the ends of a joined part's chunks (spans.Timeline.breaks).
+        self.breaks = [b // model.spec.audio.hop_length for b in getattr(audio, "breaks", ())]
         if isinstance(initial_prompt, tuple):
             self.prompt_tokens = list(initial_prompt)
         else:
@@ -82,7 +84,10 @@ class _Stream:
         """The next window's content frames and its padded log-mel; None when it is too
         quiet to hold speech. Only content frames go in: the rest of the window is
         zeros, not the log-mel of padding, as openai-whisper and faster-whisper feed it."""
-        frames = min(n_frames, self.content_frames - self.seek)
+        # The furthest chunk end that the window reaches: a chunk whole, with the rest of
+        # the one before it if a window stopped short of its end.
+        ends = [e for e in self.breaks + [self.content_frames] if self.seek < e <= self.seek + n_frames]
+        frames = min(n_frames, max(ends, default=self.content_frames) - self.seek)
         if self.floor is not None:
             samples = self.spectrogram.samples(self.seek, frames)
             if samples.size == 0 or np.max(np.abs(samples)) < self.floor:
@@ -153,8 +158,9 @@ def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = Non
     Returns openai-whisper's keys: text, segments (with `words` when `word_timestamps`),
     language. Options as `transcribe_batch`; `progress(frames, total_frames)`.
 
-    With `vad_filter`, `batch_size` > 1 cuts the speech at long pauses into up to
-    `batch_size` sections decoded side by side, each with its own previous text;
+    With `vad_filter`, `batch_size` > 1 cuts the speech at pauses into chunks of one
+    window, dealt into up to `batch_size` sections of consecutive chunks decoded side by
+    side, each with its own previous text;
     `batch_size=1` decodes the speech joined, in order, each window prompted with the
     text before it."""
     report = None if progress is None else (lambda _i, frames, total: progress(frames, total))
@@ -469,8 +475,8 @@ class StreamBatch:
 def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: TranscribeOptions, batch_size: int,
                       progress) -> Iterator[tuple[int, dict]]:
     """Each audio's clips, narrowed to speech by the VAD, decoded as audios of their own:
-    with the VAD and `batch_size` > 1, up to `batch_size` sections cut at long pauses
-    (spans.speech_sections), side by side, each read as long-form audio with its own
+    with the VAD and `batch_size` > 1, up to `batch_size` sections of chunks cut at
+    pauses (spans.speech_sections), side by side, each read as long-form audio with its own
     previous text; otherwise the parts joined into one audio, decoded in order. Yields
     (index, result) with times on each audio's own timeline."""
     if batch_size < 1:
