@@ -103,7 +103,9 @@ class LogProbs:
     def of(cls, logits: np.ndarray, top: np.ndarray | None = None) -> LogProbs:
         logits = np.asarray(logits, np.float32)
         top = np.max(logits, axis=-1, keepdims=True) if top is None else top
-        norm = np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+        shifted = logits - top
+        np.exp(shifted, out=shifted)
+        norm = np.log(np.sum(shifted, axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
         return cls(logits, top, norm)
 
     def at(self, rows, cols) -> np.ndarray:
