@@ -112,3 +112,20 @@ def test_random_weights_take_a_tokenizer_file(model_cache, tmp_path):
                   peers=(), tokenizer=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="--tokenizer goes with --weights random"):
         bench.run("tiny.en", workload="forced", tokenizer=str(copy))
+
+
+def test_the_step_parts_benchmark_builds_each_part_at_its_shapes():
+    """benchmarks/step_parts.py: every part builds (no compile here) with the step's
+    shapes in its inputs, and the cache alternatives give a grown cache."""
+    from benchmarks import step_parts
+
+    graphs = step_parts.parts(windows := 3, beams := 2, cached := 5, prefix := 7)
+    assert len(graphs) == 10
+    rows = windows * beams
+    cache = graphs["cache K or V: reorder, grow each layer, stack (L,B,P,D)"]
+    assert [int(d) for d in cache.inputs[0].tensor.shape] == [step_parts.L, rows, cached, step_parts.D]
+    assert [int(d) for d in cache.output_types[0].shape] == [step_parts.L, rows, cached + 1, step_parts.D]
+    other = graphs["cache K or V laid out (B,L,P,D): gather on axis 0, one concat"]
+    assert [int(d) for d in other.output_types[0].shape] == [rows, step_parts.L, cached + 1, step_parts.D]
+    attention = graphs["self-attention after the prefix (per layer)"]
+    assert [int(d) for d in attention.inputs[3].tensor.shape] == [windows, prefix, step_parts.D]
