@@ -157,3 +157,25 @@ def test_the_page_is_served(server):
 
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and "getUserMedia" in page.text and "/v1/stream" in page.text
+
+
+def test_audio_sent_during_a_decoding_goes_into_the_next_one(server, monkeypatch):
+    """A stream whose audio comes faster than it decodes (a busy server) is decoded less
+    often, over all the audio that has come, instead of one second at a time with the
+    rest queueing behind: a clip sent at once takes a few decodings, not one a second."""
+    from maxwhisper.streaming import Stream
+
+    sizes = []
+    request = Stream.request
+
+    def counted(self):
+        got = request(self)
+        sizes.append(None if got is None else len(got.audio))
+        return got
+
+    monkeypatch.setattr(Stream, "request", counted)
+    pcm = _pcm16(SPEECH_DIR / "03.wav")
+    events = _send_stream(server.ws, pcm)
+    assert "Wednesday" in events[-1]["text"] and "station" in events[-1]["text"]
+    seconds = len(pcm) / 2 / 16000
+    assert seconds > 7 and len(sizes) <= 3, (seconds, sizes)

@@ -97,13 +97,11 @@ async def live(server, websocket: WebSocket) -> None:
 
 async def _run(server, websocket, model, stream: Stream, options: StreamOptions, fmt: str) -> None:
     loop = asyncio.get_running_loop()
-    while True:
-        try:
-            message = await asyncio.wait_for(websocket.receive(), IDLE_S)
-        except asyncio.TimeoutError:
-            raise _Refused(f"no audio for {IDLE_S:.0f} s") from None
+
+    async def take(message) -> bool:
+        """Feed one message to the stream; False when the client has gone."""
         if message["type"] == "websocket.disconnect":
-            return
+            return False
         if message.get("bytes") is not None:
             await run_in_threadpool(stream.add, _samples(message["bytes"], fmt))
         elif message.get("text") is not None:
@@ -115,6 +113,21 @@ async def _run(server, websocket, model, stream: Stream, options: StreamOptions,
                 raise _Refused('text messages after start must be {"type": "stop"}')
             for event in stream.finish():
                 await websocket.send_json(event.as_dict())
+        return True
+
+    while True:
+        try:
+            message = await asyncio.wait_for(websocket.receive(), IDLE_S)
+        except asyncio.TimeoutError:
+            raise _Refused(f"no audio for {IDLE_S:.0f} s") from None
+        if not await take(message):
+            return
+        # The frames that came while the last decoding ran go in before the next one: a
+        # busy server decodes a stream less often, over more audio, instead of falling
+        # further behind with every decoding.
+        while not stream.finished and (message := await _waiting(websocket)) is not None:
+            if not await take(message):
+                return
         while stream.due():
             request = stream.request()
             if request is None:
@@ -132,6 +145,15 @@ async def _run(server, websocket, model, stream: Stream, options: StreamOptions,
         if stream.finished:
             await websocket.close(code=1000, reason="final")
             return
+
+
+async def _waiting(websocket: WebSocket, within_s: float = 0.002):
+    """A message the client has already sent, or None. Cancelling a receive that found
+    none loses nothing: the server's websocket reader keeps what comes next."""
+    try:
+        return await asyncio.wait_for(websocket.receive(), within_s)
+    except asyncio.TimeoutError:
+        return None
 
 
 async def _done(job: Job) -> dict:
