@@ -161,11 +161,12 @@ class SileroVad:
         w_hh, head = self._w_hh, w["final_conv.weight"].reshape(-1)
         h, c = state
         hidden = np.empty((count, _HIDDEN), np.float32)
-        for t in range(count):
+        n = _HIDDEN
+        for t in range(count):  # one sigmoid over all four gates: fewer numpy calls a window
             gates = gates_in[t] + h @ w_hh
-            i, f, g, o = (gates[k * _HIDDEN: (k + 1) * _HIDDEN] for k in range(4))
-            c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-            h = _sigmoid(o) * np.tanh(c)
+            s = _sigmoid(gates)
+            c = s[n: 2 * n] * c + s[:n] * np.tanh(gates[2 * n: 3 * n])
+            h = s[3 * n:] * np.tanh(c)
             hidden[t] = h
         logits = np.maximum(hidden, 0) @ head + w["final_conv.bias"][0]
         return _sigmoid(logits).astype(np.float32), (h, c)
