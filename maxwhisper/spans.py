@@ -146,8 +146,9 @@ def _sections(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]],
     """Chunks of at most `chunk_s` of speech, each ended at the longest pause in its last
     third (else at its latest pause, else where `chunk_s` runs out), so that a window
     holds a chunk whole and sees where its speech stops. The chunks go in order into
-    as few rounds of `sections` windows as they need, as many parts as that leaves
-    (each part decodes one chunk a round), so no round runs nearly empty."""
+    as few rounds of `sections` windows as they need, and into as few parts as those
+    rounds allow (each part decodes one chunk a round), so that as many chunks as can
+    be decode after the text before them."""
     starts = np.cumsum([0] + [e - s for s, e in speech])
     total, limit = int(starts[-1]), int(chunk_s * sample_rate)
 
