@@ -1,8 +1,8 @@
 """The parts of an audio that are transcribed: the spans that `clip_timestamps` names,
 narrowed to speech by the VAD; joined into one audio (decoded in order, each window
 prompted with the text before it) or cut at pauses into chunks of one window, dealt
-into sections (decoded side by side, each with its own previous text); and the times of what was decoded mapped back
-onto the original timeline."""
+into sections (decoded side by side, each with its own previous text); and the times
+of what was decoded mapped back onto the original timeline."""
 
 from __future__ import annotations
 
@@ -152,8 +152,10 @@ def _sections(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]],
     starts = np.cumsum([0] + [e - s for s, e in speech])
     total, limit = int(starts[-1]), int(chunk_s * sample_rate)
 
+    firsts = [s for s, _ in speech]
+
     def content(x: int) -> int:  # speech before sample x
-        k = bisect.bisect_right([s for s, _ in speech], x) - 1
+        k = bisect.bisect_right(firsts, x) - 1
         return 0 if k < 0 else int(starts[k] + min(x, speech[k][1]) - speech[k][0])
 
     def at(c: int) -> int:  # the sample where c samples of speech have gone by

@@ -27,9 +27,10 @@ SAMPLE_RATE = 16000
 class StreamOptions:
     """`update_seconds`: new audio that triggers the next decoding. `max_buffer_seconds`:
     the buffer is cut after its last committed word when it grows longer. `prompt_tokens`:
-    how many tokens of committed text prompt each decoding, at most. `end_silence_seconds`: the silence
-    after the last word that ends an utterance. `speech_threshold`: the speech detector's
-    probability above which a 32 ms window is speech."""
+    how many tokens of committed text prompt each decoding, at most.
+    `end_silence_seconds`: the silence after the last word that ends an utterance.
+    `speech_threshold`: the speech detector's probability above which a 32 ms window is
+    speech."""
     language: str | None = None
     update_seconds: float = 1.0
     max_buffer_seconds: float = 15.0
