@@ -4,6 +4,9 @@ latency = when it was committed minus when its audio ended. Also the committed t
 WER against the reference and against the offline transcript of the same audio.
 
     python -m benchmarks.streaming --model tiny.en --streams 1 2 4
+    python -m benchmarks.streaming --model tiny.en --streams 1 2 4 --commit-after-seconds 1.0
+
+Policy flags go to the server in each stream's start message.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ CLIPS = [["01", "02", "03"], ["04", "05", "06"], ["02", "03", "01"], ["05", "06"
          ["03", "01", "02"], ["06", "04", "05"], ["01", "03", "05"], ["02", "04", "06"]]
 
 
-def _client(url: str, audio: np.ndarray, frame_s: float = 0.1) -> tuple[list[tuple[float, dict]], float]:
+def _client(url: str, audio: np.ndarray, policy: dict, frame_s: float = 0.1) -> tuple[list[tuple[float, dict]], float]:
     from websockets.sync.client import connect
 
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
     n = int(16000 * frame_s)
     events: list[tuple[float, dict]] = []
     with connect(url, open_timeout=60, close_timeout=60, max_size=None) as ws:
-        ws.send(json.dumps({"type": "start", "sample_rate": 16000, "format": "pcm16"}))
+        ws.send(json.dumps({"type": "start", "sample_rate": 16000, "format": "pcm16", **policy}))
         ws.recv(timeout=60)
         start = time.monotonic()
 
@@ -49,7 +52,7 @@ def _client(url: str, audio: np.ndarray, frame_s: float = 0.1) -> tuple[list[tup
     return events, len(audio) / 16000
 
 
-def run(model_name: str, streams: list[int]) -> list[dict]:
+def run(model_name: str, streams: list[int], policy: dict | None = None) -> list[dict]:
     import uvicorn
 
     import maxwhisper
@@ -77,7 +80,7 @@ def run(model_name: str, streams: list[int]) -> list[dict]:
     rows = []
     for n in streams:
         results: dict[int, tuple] = {}
-        threads = [threading.Thread(target=lambda k=k: results.update({k: _client(url, audios[k % len(audios)][0])}))
+        threads = [threading.Thread(target=lambda k=k: results.update({k: _client(url, audios[k % len(audios)][0], policy or {})}))
                    for k in range(n)]
         for t in threads:
             t.start()
@@ -105,9 +108,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--update-seconds", type=float)
+    parser.add_argument("--commit-after-seconds", type=float)
+    parser.add_argument("--context-seconds", type=float)
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
-    rows = run(args.model, args.streams)
+    policy = {k: v for k, v in (("update_seconds", args.update_seconds),
+                                ("commit_after_seconds", args.commit_after_seconds),
+                                ("context_seconds", args.context_seconds)) if v is not None}
+    rows = run(args.model, args.streams, policy)
     print("| streams | words | median latency | p95 latency | WER (committed) | WER (offline) | committed vs offline |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -115,7 +124,7 @@ def main() -> None:
               f"| {100 * r['offline_wer']:.1f}% | {100 * r['wer_vs_offline']:.1f}% |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(model=args.model, rows=rows), f, indent=1)
+            json.dump(dict(model=args.model, policy=policy, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

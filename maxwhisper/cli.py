@@ -189,7 +189,8 @@ def _stream(args) -> int:
     from .streaming import SAMPLE_RATE, StreamOptions, replay
 
     options = StreamOptions(language=args.language, update_seconds=args.update_seconds,
-                            end_silence_seconds=args.end_silence_seconds)
+                            end_silence_seconds=args.end_silence_seconds,
+                            commit_after_seconds=args.commit_after_seconds, context_seconds=args.context_seconds)
     if args.speed is not None and not args.speed > 0:
         raise ValueError(f"--speed must be > 0, found {args.speed}")
     if args.audio != "-":
@@ -368,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="new audio that triggers the next decoding (default %(default)s)")
     st.add_argument("--end-silence-seconds", type=float, default=d.end_silence_seconds,
                     help="silence that ends an utterance (default %(default)s)")
+    st.add_argument("--commit-after-seconds", type=float, default=d.commit_after_seconds,
+                    help="also commit, from one decoding, words that end at least this long before the "
+                         "audio heard so far (default: only words two decodings agree on)")
+    st.add_argument("--context-seconds", type=float, default=d.context_seconds,
+                    help="committed audio before a pause that goes in front of the next utterance's "
+                         "decodings (default %(default)s)")
     st.set_defaults(func=_stream)
 
     warm = sub.add_parser("warmup", help="compile a model now, for images, servers and workers",

@@ -4,9 +4,13 @@ spoken, and never taken back once committed.
 Policy, LocalAgreement-2 over word-timestamped decoding: every `update_seconds` of new
 audio the uncommitted buffer (at most `max_buffer_seconds`) is decoded again, with the
 committed words before the buffer as its prompt; the words on which two decodings in a row agree, in
-order from the start, are committed. Silence ends an utterance: once the speech
+order from the start, are committed. With `commit_after_seconds`, a word is also
+committed from one decoding once the buffer holds that much audio after its end (its
+end as the alignment heads place it): words Whisper heard whole, well before the edge
+of the audio, are the ones later decodings keep. Silence ends an utterance: once the speech
 detector hears `end_silence_seconds` of it after the last word, the rest of the
-hypothesis is committed and the buffer moves past the silence, which is never decoded.
+hypothesis is committed and the buffer moves past the silence, which is never decoded;
+the utterance's last `context_seconds` go before the next one's audio in its decodings.
 
 A `Stream` only keeps the audio and the policy; the decoding is the caller's
 (`request()` -> any decoder -> `accept()`), so that many streams can share one batched
@@ -21,6 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SAMPLE_RATE = 16000
+# Silence kept before an utterance: the detector hears a soft onset ("a", "the") a few
+# windows late, and Whisper drops a word whose start is cut.
+LEAD_IN_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -30,20 +37,31 @@ class StreamOptions:
     how many tokens of committed text prompt each decoding, at most.
     `end_silence_seconds`: the silence after the last word that ends an utterance.
     `speech_threshold`: the speech detector's probability above which a 32 ms window is
-    speech."""
+    speech. `commit_after_seconds`: commit, from one decoding, the leading words that end
+    at least this long before the buffer does; None: only what two decodings agree on.
+    `context_seconds`: the end of an utterance, already committed, that goes before the
+    next one's audio in its decodings (a lone short utterance is misheard more often)."""
     language: str | None = None
     update_seconds: float = 1.0
     max_buffer_seconds: float = 15.0
     prompt_tokens: int = 32
     end_silence_seconds: float = 0.8
     speech_threshold: float = 0.5
+    commit_after_seconds: float | None = None
+    context_seconds: float = 3.0
 
     def __post_init__(self):
         for name, low, high in (("update_seconds", 0.1, 30.0), ("max_buffer_seconds", 2.0, 28.0),
-                                ("end_silence_seconds", 0.1, 30.0), ("speech_threshold", 0.0, 1.0)):
+                                ("end_silence_seconds", 0.1, 30.0), ("speech_threshold", 0.0, 1.0),
+                                ("commit_after_seconds", 0.1, 10.0), ("context_seconds", 0.0, 10.0)):
             value = getattr(self, name)
+            if value is None and name == "commit_after_seconds":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"{name} must lie in [{low}, {high}], found {value!r}")
+        if self.max_buffer_seconds + self.context_seconds > 28.0:
+            raise ValueError(f"max_buffer_seconds + context_seconds must be at most 28 (a decoding fits one "
+                             f"30 s window), found {self.max_buffer_seconds} + {self.context_seconds}")
         if isinstance(self.prompt_tokens, bool) or not isinstance(self.prompt_tokens, int) \
                 or not 0 <= self.prompt_tokens <= 200:
             raise ValueError(f"prompt_tokens must be an int in [0, 200], found {self.prompt_tokens!r}")
@@ -76,9 +94,11 @@ class Event:
 @dataclass(frozen=True)
 class Request:
     """One decoding a stream asks for: its buffer and the prompt tokens to condition on;
-    times in the result are seconds into `audio`."""
+    times in the result are seconds into `audio`, whose first `context` samples are the
+    end of the utterance before (committed audio, before a pause that is left out)."""
     audio: np.ndarray
     prompt: tuple[int, ...]
+    context: int = 0
 
 
 def _key(word: str) -> str:
@@ -107,7 +127,10 @@ class Stream:
         self._finishing = self._finished = False
         self._closing = False  # an utterance ended: decode it once more, commit it whole
         self._windows = 0  # 512-sample windows the detector has scored
+        self._heard = bytearray()  # per window: 1 where the detector heard speech
         self._speech_end = 0  # sample where the last window heard as speech ends
+        self._context = np.zeros(0, np.float32)  # the last utterance's end, before a pause
+        self._context_start = 0  # its first sample
 
     @property
     def received(self) -> float:
@@ -123,7 +146,9 @@ class Stream:
             raise ValueError("audio frames hold NaN or infinite samples")
         self._buffer = np.concatenate([self._buffer, pcm])
         probs = np.asarray(self.speech(pcm))
-        heard = np.flatnonzero(probs >= self.options.speech_threshold)
+        speech = probs >= self.options.speech_threshold
+        self._heard += bytes(speech.astype(np.uint8))
+        heard = np.flatnonzero(speech)
         if heard.size:
             self._speech_end = (self._windows + int(heard[-1]) + 1) * 512
         self._windows += len(probs)
@@ -143,22 +168,35 @@ class Stream:
         if self._speech_end <= self._offset:  # no speech in the buffer
             return None
         # Only text whose audio has left the buffer: prompted with words it still hears,
-        # the model tends to skip them, or not, from one decoding to the next.
+        # the model tends to skip them, or not, from one decoding to the next. With a
+        # context, none: the context's audio carries what was said, and a prompt that
+        # stops where that audio starts mid-word (word times are loose) can make
+        # Whisper say nothing at all.
         before = self._offset / SAMPLE_RATE + 0.05
-        text = "".join(w.word for w in self.committed if w.end <= before)
+        text = "" if self._context.size else "".join(w.word for w in self.committed if w.end <= before)
         prompt = tuple(self.tokenize(text)[-self.options.prompt_tokens:]) if text and self.options.prompt_tokens \
             else ()
-        return Request(self._buffer.copy(), prompt)
+        return Request(np.concatenate([self._context, self._buffer]), prompt, self._context.size)
+
+    def _seconds(self, t: float, request: Request) -> float:
+        """A time in a request's audio -> seconds of the stream."""
+        context = request.context / SAMPLE_RATE
+        if t < context:
+            return self._context_start / SAMPLE_RATE + t
+        return (self._offset - request.context) / SAMPLE_RATE + t
 
     def accept(self, result: dict, request: Request) -> list[Event]:
-        """LocalAgreement-2: commit the agreed prefix of this and the last hypothesis."""
-        start = self._offset / SAMPLE_RATE
-        words = [Word(w["word"], start + w["start"], start + w["end"])
+        """LocalAgreement-2: commit the agreed prefix of this and the last hypothesis;
+        with `commit_after_seconds`, as far as the leading words heard whole reach, if
+        further."""
+        words = [Word(w["word"], self._seconds(w["start"], request), self._seconds(w["end"], request))
                  for s in result.get("segments", []) for w in s.get("words", [])]
         words = self._after_committed([w for w in words if _key(w.word)])  # a lone "." is no word
+        # A word where the speech detector heard none is Whisper's "Thank you." of
+        # silence; so, in an utterance's final decoding, is what follows the last word
+        # heard squeezed into no time.
+        words = [w for w in words if self._spoken(w)]
         if self._finishing or self._closing:
-            # What follows the last word heard in an utterance's final decoding is squeezed
-            # into no time: Whisper's "Thank you." of silence.
             while words and words[-1].end - words[-1].start < 0.08:
                 words.pop()
         if self._finishing:
@@ -168,12 +206,19 @@ class Stream:
         if self._closing:  # the utterance is over: all of it is committed, its audio dropped
             self._closing, self._hypothesis = False, []
             events = self._commit(words)
-            self._drop(len(request.audio) - int(0.2 * SAMPLE_RATE))
+            self._keep_context(self._speech_end)
+            self._drop(len(request.audio) - request.context - int(LEAD_IN_SECONDS * SAMPLE_RATE))
             return events + [Event("interim", "")]
         agreed = 0
         while agreed < min(len(words), len(self._hypothesis)) and \
                 _key(words[agreed].word) == _key(self._hypothesis[agreed].word):
             agreed += 1
+        if self.options.commit_after_seconds is not None:
+            edge = self._seconds(len(request.audio) / SAMPLE_RATE, request) - self.options.commit_after_seconds
+            heard = 0
+            while heard < len(words) and words[heard].end <= edge:
+                heard += 1
+            agreed = max(agreed, heard)
         events = self._commit(words[:agreed])
         self._hypothesis = words[agreed:]
         self._trim()
@@ -224,9 +269,34 @@ class Stream:
         if len(self._buffer) <= self.options.max_buffer_seconds * SAMPLE_RATE or not self.committed:
             return
         cut = int(round(self.committed[-1].end * SAMPLE_RATE)) - self._offset
-        if cut <= 0:  # nothing committed inside the buffer: drop its oldest part instead
+        if cut > 0:
+            self._keep_context(self._offset + cut)
+        else:  # nothing committed inside the buffer: drop its oldest part instead
             cut = len(self._buffer) - int(self.options.max_buffer_seconds * SAMPLE_RATE)
         self._drop(cut)
+
+    def _spoken(self, word: Word, slack: float = 0.1) -> bool:
+        """Whether the detector heard speech in a window within `slack` of the word."""
+        lo = max(0, int((word.start - slack) * SAMPLE_RATE) // 512)
+        hi = int((word.end + slack) * SAMPLE_RATE) // 512 + 1
+        return any(self._heard[lo:hi])
+
+    def _keep_context(self, end: int) -> None:
+        """Up to `context_seconds` of committed audio before sample `end` go before the
+        audio after it in its decodings. The context starts between two committed words,
+        so that the prompt's text stops where its audio starts: prompted up to the
+        middle of a word that it then hears the rest of, Whisper may say nothing."""
+        end = max(self._offset, min(end, self._offset + len(self._buffer)))
+        lo = max(self._offset, end - int(self.options.context_seconds * SAMPLE_RATE))
+        first = len(self.committed)  # the earliest committed word that starts after `lo`
+        while first and self.committed[first - 1].start * SAMPLE_RATE >= lo:
+            first -= 1
+        start = end
+        if first < len(self.committed) and self.committed[first].start * SAMPLE_RATE < end:
+            word = self.committed[first]
+            gap = word.start if first == 0 else min(self.committed[first - 1].end, word.start)
+            start = max(self._offset, int(round((gap + word.start) / 2 * SAMPLE_RATE)))
+        self._context, self._context_start = self._buffer[start - self._offset: end - self._offset].copy(), start
 
     def _drop(self, n: int) -> None:
         n = max(0, min(n, len(self._buffer)))
@@ -244,7 +314,7 @@ class Stream:
         if self._speech_end > self._offset:
             self._closing = True
         elif not self._closing:
-            self._drop(len(self._buffer) - int(0.2 * SAMPLE_RATE))
+            self._drop(len(self._buffer) - int(LEAD_IN_SECONDS * SAMPLE_RATE))
 
 
 def stream_transcribe_options(options: StreamOptions, prompt: tuple[int, ...]):

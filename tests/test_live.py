@@ -88,6 +88,19 @@ def test_a_stream_gives_the_clips_words(server, tiny_en):
     assert len(events[-1]["text"].split()) >= len(offline.split()) - 2
 
 
+def test_a_start_message_sets_the_stream_policy(server, monkeypatch):
+    """Policy fields of the start message reach the stream's options."""
+    made, original = [], live_module.Stream
+    monkeypatch.setattr(live_module, "Stream", lambda *a, **k: made.append(a[2]) or original(*a, **k))
+    start = {"type": "start", "sample_rate": 16000, "format": "pcm16", "commit_after_seconds": 0.8,
+             "update_seconds": 0.5}
+    events = _send_stream(server.ws, _pcm16(SPEECH_DIR / "03.wav"), pace_s=0.005, start=start)
+    assert made[-1].commit_after_seconds == 0.8 and made[-1].update_seconds == 0.5
+    assert "Wednesday" in events[-1]["text"]
+    committed = [w for e in events if e["type"] == "committed" for w in e["words"]]
+    assert events[-1]["words"] == committed, "committed words are never taken back"
+
+
 def test_concurrent_streams_share_the_model_and_get_their_own_words(server):
     clips = {"01": "computers", "03": "Wednesday", "04": "children", "06": "library"}
     results = {}
@@ -113,6 +126,8 @@ def test_concurrent_streams_share_the_model_and_get_their_own_words(server):
     ([json.dumps({"type": "hello"})], "first message must be"),
     ([json.dumps({"type": "start", "sample_rate": 44100})], "sample_rate must be 16000"),
     ([json.dumps({"type": "start", "format": "mp3"})], "format must be one of"),
+    ([json.dumps({"type": "start", "commit_after_seconds": -1})], "commit_after_seconds must lie in"),
+    ([json.dumps({"type": "start", "update_seconds": "soon"})], "update_seconds must lie in"),
     ([json.dumps({"type": "start", "language": "fr"})], "language 'fr'"),
     ([json.dumps({"type": "start"}), b"\x01\x02\x03"], "does not hold whole pcm16 samples"),
     ([json.dumps({"type": "start", "format": "float32"}), np.full(8, np.nan, "<f4").tobytes()], "finite samples"),

@@ -28,10 +28,11 @@ def conversation():
     return joined(["01", "02", "03"], gap_s=1.0)
 
 
-@pytest.fixture(scope="module")
-def streamed(tiny_en, conversation):
+@pytest.fixture(scope="module", params=[None, 1.0], ids=["agreement", "commit-after-1s"])
+def streamed(tiny_en, conversation, request):
     audio, _ = conversation
-    return [e for e, _ in replay(tiny_en, _chunks(audio), StreamOptions(), speed=None)]
+    options = StreamOptions(commit_after_seconds=request.param)
+    return [e for e, _ in replay(tiny_en, _chunks(audio), options, speed=None)]
 
 
 def test_committed_words_are_never_taken_back(streamed):
@@ -83,7 +84,8 @@ def test_the_cli_reads_raw_pcm_from_stdin(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--speed", "0"], "--speed must be > 0"),
-                                            (["--update-seconds", "0"], "update_seconds must lie in")])
+                                            (["--update-seconds", "0"], "update_seconds must lie in"),
+                                            (["--commit-after-seconds", "-1"], "commit_after_seconds must lie in")])
 def test_the_cli_refuses_bad_stream_flags(flags, message, capsys):
     assert main(["stream", str(SPEECH_DIR / "03.wav"), *flags]) == 2
     assert message in capsys.readouterr().err

@@ -39,21 +39,27 @@ def _speaking_in(start: float, end: float) -> bool:
 
 
 def scripted_decoder(stream: Stream):
+    """The script's words in the request's audio: its context (the end of the utterance
+    before, from `stream._context_start`), then the buffer (from `stream._offset`)."""
     def decode(request: Request) -> dict:
+        context = request.context / SAMPLE_RATE
+        parts = [(stream._context_start / SAMPLE_RATE, context, 0.0)] if request.context else []
         start = stream._offset / SAMPLE_RATE
-        end = start + len(request.audio) / SAMPLE_RATE
+        parts.append((start, len(request.audio) / SAMPLE_RATE - context, context))
+        end = start + parts[-1][1]
         words = []
-        for w, s, e in SCRIPT:
-            if s >= start - 0.05 and e <= end:
-                garbled = e > end - 0.3  # just heard: the decoder guesses
-                words.append(dict(word=w + "ish" if garbled else w, start=s - start, end=e - start))
+        for first, length, at in parts:
+            for w, s, e in SCRIPT:
+                if s >= first - 0.05 and e <= first + length:
+                    garbled = e > end - 0.3  # just heard: the decoder guesses
+                    words.append(dict(word=w + "ish" if garbled else w, start=at + s - first, end=at + e - first))
         return dict(segments=[dict(words=words)])
     return decode
 
 
-def run(options: StreamOptions = StreamOptions(), chunk: float = 0.1):
+def run(options: StreamOptions = StreamOptions(), chunk: float = 0.1, decoder=scripted_decoder):
     stream = Stream(lambda text: list(range(len(text.split()))), Detector(), options)
-    decode = scripted_decoder(stream)
+    decode = decoder(stream)
     events: list[tuple[float, Event]] = []
     t = 0.0
     while t < TOTAL - 1e-9:
@@ -88,6 +94,68 @@ def test_words_are_committed_within_two_updates_of_being_said():
                 assert t - w.end <= 2 * StreamOptions().update_seconds + 0.35, (w, t)
 
 
+def test_words_heard_whole_are_committed_from_one_decoding():
+    """With `commit_after_seconds`, a word is committed by the first decoding that holds
+    that much audio after it, not two updates later; a word the decoder is still
+    unsure of (garbled near the edge) is never committed."""
+    options = StreamOptions(commit_after_seconds=0.5)
+    stream, events = run(options)
+    committed = [(t, w) for t, e in events if e.type == "committed" for w in e.words]
+    assert [w.word for _, w in committed] == [w for w, _, _ in SCRIPT]
+    for t, w in committed:
+        assert t - w.end <= options.commit_after_seconds + options.update_seconds + 0.15, (w, t)
+    _, agreeing = run()
+    first = {w.word: t for t, e in agreeing if e.type == "committed" for w in e.words}
+    sooner = [w.word for t, w in committed if t < first[w.word] - 0.5]
+    assert len(sooner) >= 3, "most words come an update sooner than by agreement"
+
+
+@pytest.mark.parametrize("commit_after", [None, 0.5])
+def test_words_where_no_speech_was_heard_are_never_committed(commit_after):
+    """Whisper's "Thank you." in the pause after an utterance, which the speech detector
+    heard as silence, is dropped from every decoding."""
+    def inventing(stream):
+        decode = scripted_decoder(stream)
+
+        def invent(request):
+            result = decode(request)
+            start = stream._offset / SAMPLE_RATE
+            if start <= 4.2 and start + len(request.audio) / SAMPLE_RATE >= 4.6:
+                result["segments"][0]["words"].append(dict(word=" Thanks", start=4.2 - start, end=4.6 - start))
+            return result
+        return invent
+
+    _, events = run(StreamOptions(commit_after_seconds=commit_after), decoder=inventing)
+    committed = [w.word for _, e in events if e.type == "committed" for w in e.words]
+    assert committed == [w for w, _, _ in SCRIPT]
+
+
+@pytest.mark.parametrize("context", [0.0, 3.0])
+def test_decodings_after_a_pause_begin_with_the_end_of_the_utterance_before(context):
+    """The second utterance is decoded after the last `context_seconds` of the first (up
+    to where its speech ended), the pause left out, and unprompted; those words are not
+    committed again."""
+    seen = []
+
+    def recording(stream):
+        decode = scripted_decoder(stream)
+
+        def record(request):
+            seen.append((stream._offset / SAMPLE_RATE, request.context / SAMPLE_RATE, len(request.prompt)))
+            return decode(request)
+        return record
+
+    _, events = run(StreamOptions(context_seconds=context), decoder=recording)
+    assert [w.word for _, e in events if e.type == "committed" for w in e.words] == [w for w, _, _ in SCRIPT]
+    after = [(c, p) for offset, c, p in seen if offset > 4.0]
+    assert after
+    if context:
+        assert all(2.8 <= c <= 3.0 for c, _ in after), after  # speech heard to 3.95 s, context from 0.95 s
+        assert all(p == 0 for _, p in after), "the context's audio, not a prompt, carries what came before"
+    else:
+        assert all(c == 0 for c, _ in after) and all(p == 6 for _, p in after)
+
+
 def test_an_utterance_is_committed_in_the_pause_after_it():
     options = StreamOptions()
     _, events = run(options)
@@ -115,7 +183,9 @@ def test_the_buffer_stays_short_and_silence_is_not_decoded():
 
 
 @pytest.mark.parametrize("bad", [dict(update_seconds=0), dict(max_buffer_seconds=40), dict(prompt_tokens=-1),
-                                 dict(speech_threshold=2), dict(end_silence_seconds=float("nan"))])
+                                 dict(speech_threshold=2), dict(end_silence_seconds=float("nan")),
+                                 dict(commit_after_seconds=0), dict(commit_after_seconds="1"),
+                                 dict(context_seconds=-1), dict(context_seconds=20)])
 def test_bad_stream_options_are_refused_by_name(bad):
     (name,) = bad
     with pytest.raises(ValueError, match=name):

@@ -3,7 +3,8 @@ out. Every stream's decodings go through the server's scheduler, so concurrent s
 share the batched model with each other and with file requests.
 
 Protocol: the client's first message is JSON `{"type": "start", "sample_rate": 16000,
-"format": "pcm16" | "float32", "language": null}`; then binary frames of mono samples
+"format": "pcm16" | "float32", "language": null}`, and any of `StreamOptions`' policy
+fields (`update_seconds`, `commit_after_seconds`, ...); then binary frames of mono samples
 (little-endian PCM16 or float32, any length) and, to end, `{"type": "stop"}`. The server
 answers `{"type": "ready"}`, then events `{"type": "interim" | "committed" | "final",
 "text", "words": [{"word", "start", "end"}]}` (times in seconds of the stream's audio),
@@ -24,6 +25,8 @@ from ..transcribe import DecodingPlan
 from .scheduler import Job
 
 FORMATS = {"pcm16": ("<i2", 32768.0), "float32": ("<f4", 1.0)}
+POLICY = ("update_seconds", "commit_after_seconds", "context_seconds", "end_silence_seconds", "max_buffer_seconds",
+          "prompt_tokens", "speech_threshold")
 IDLE_S = 60.0
 
 
@@ -36,7 +39,7 @@ class _Refused(Exception):
 def _start(message: dict, languages: tuple[str, ...], multilingual: bool) -> tuple[StreamOptions, str]:
     if message.get("type") != "start":
         raise _Refused(f'the first message must be {{"type": "start", ...}}, found type {message.get("type")!r}')
-    unknown = sorted(set(message) - {"type", "sample_rate", "format", "language"})
+    unknown = sorted(set(message) - {"type", "sample_rate", "format", "language", *POLICY})
     if unknown:
         raise _Refused(f"unknown field(s) in the start message: {unknown}")
     rate = message.get("sample_rate", SAMPLE_RATE)
@@ -48,7 +51,10 @@ def _start(message: dict, languages: tuple[str, ...], multilingual: bool) -> tup
     language = message.get("language")
     if language is not None and (not multilingual and language != "en" or multilingual and language not in languages):
         raise _Refused(f"language {language!r} is not one this model transcribes")
-    return StreamOptions(language=language), fmt
+    try:
+        return StreamOptions(language=language, **{k: message[k] for k in POLICY if k in message}), fmt
+    except ValueError as e:
+        raise _Refused(str(e)) from None
 
 
 def _samples(data: bytes, fmt: str) -> np.ndarray:
