@@ -126,9 +126,7 @@ class Stream:
         self._hypothesis: list[Word] = []
         self._finishing = self._finished = False
         self._closing = False  # an utterance ended: decode it once more, commit it whole
-        self._windows = 0  # 512-sample windows the detector has scored
-        self._heard = bytearray()  # per window: 1 where the detector heard speech
-        self._speech_end = 0  # sample where the last window heard as speech ends
+        self._heard = bytearray()  # per 512-sample window scored: 1 where the detector heard speech
         self._context = np.zeros(0, np.float32)  # the last utterance's end, before a pause
         self._context_start = 0  # its first sample
 
@@ -146,13 +144,13 @@ class Stream:
             raise ValueError("audio frames hold NaN or infinite samples")
         self._buffer = np.concatenate([self._buffer, pcm])
         probs = np.asarray(self.speech(pcm))
-        speech = probs >= self.options.speech_threshold
-        self._heard += bytes(speech.astype(np.uint8))
-        heard = np.flatnonzero(speech)
-        if heard.size:
-            self._speech_end = (self._windows + int(heard[-1]) + 1) * 512
-        self._windows += len(probs)
+        self._heard += (probs >= self.options.speech_threshold).astype(np.uint8).tobytes()
         self._settle_silence()
+
+    @property
+    def _speech_end(self) -> int:
+        """The sample where the last window heard as speech ends (0: none yet)."""
+        return (self._heard.rfind(1) + 1) * 512
 
     def due(self) -> bool:
         """Whether enough new audio arrived (or the stream is finishing) to decode again."""
@@ -283,9 +281,8 @@ class Stream:
 
     def _keep_context(self, end: int) -> None:
         """Up to `context_seconds` of committed audio before sample `end` go before the
-        audio after it in its decodings. The context starts between two committed words,
-        so that the prompt's text stops where its audio starts: prompted up to the
-        middle of a word that it then hears the rest of, Whisper may say nothing."""
+        audio after it in its decodings, starting between two committed words: a
+        decoding that begins mid-word mishears that word."""
         end = max(self._offset, min(end, self._offset + len(self._buffer)))
         lo = max(self._offset, end - int(self.options.context_seconds * SAMPLE_RATE))
         first = len(self.committed)  # the earliest committed word that starts after `lo`

@@ -14,6 +14,7 @@ missing API key) and a reason saying what was wrong; so does a minute without au
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import numpy as np
@@ -25,8 +26,7 @@ from ..transcribe import DecodingPlan
 from .scheduler import Job
 
 FORMATS = {"pcm16": ("<i2", 32768.0), "float32": ("<f4", 1.0)}
-POLICY = ("update_seconds", "commit_after_seconds", "context_seconds", "end_silence_seconds", "max_buffer_seconds",
-          "prompt_tokens", "speech_threshold")
+POLICY = tuple(f.name for f in dataclasses.fields(StreamOptions) if f.name != "language")
 IDLE_S = 60.0
 
 
