@@ -35,7 +35,8 @@ class StreamOptions:
     """`update_seconds`: new audio that triggers the next decoding. `max_buffer_seconds`:
     the buffer is cut after its last committed word when it grows longer. `prompt_tokens`:
     how many tokens of committed text prompt each decoding, at most.
-    `end_silence_seconds`: the silence after the last word that ends an utterance.
+    `end_silence_seconds`: the silence after the last word that ends an utterance; None:
+    silence never does, the caller does (`end_utterance()`, a client's manual turns).
     `speech_threshold`: the speech detector's probability above which a 32 ms window is
     speech. `commit_after_seconds`: commit, from one decoding, the leading words that end
     at least this long before the buffer does; None: only what two decodings agree on.
@@ -45,7 +46,7 @@ class StreamOptions:
     update_seconds: float = 1.0
     max_buffer_seconds: float = 15.0
     prompt_tokens: int = 32
-    end_silence_seconds: float = 0.8
+    end_silence_seconds: float | None = 0.8
     speech_threshold: float = 0.5
     commit_after_seconds: float | None = None
     context_seconds: float = 3.0
@@ -55,7 +56,7 @@ class StreamOptions:
                                 ("end_silence_seconds", 0.1, 30.0), ("speech_threshold", 0.0, 1.0),
                                 ("commit_after_seconds", 0.1, 10.0), ("context_seconds", 0.0, 10.0)):
             value = getattr(self, name)
-            if value is None and name == "commit_after_seconds":
+            if value is None and name in ("commit_after_seconds", "end_silence_seconds"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"{name} must lie in [{low}, {high}], found {value!r}")
@@ -126,6 +127,8 @@ class Stream:
         self._hypothesis: list[Word] = []
         self._finishing = self._finished = False
         self._closing = False  # an utterance ended: decode it once more, commit it whole
+        self._closed_at = self._closed_speech = 0  # where it ended: the buffer's end, its speech's end
+        self.utterances = 0  # utterances ended and committed whole
         self._heard = bytearray()  # per 512-sample window scored: 1 where the detector heard speech
         self._context = np.zeros(0, np.float32)  # the last utterance's end, before a pause
         self._context_start = 0  # its first sample
@@ -152,19 +155,53 @@ class Stream:
         """The sample where the last window heard as speech ends (0: none yet)."""
         return (self._heard.rfind(1) + 1) * 512
 
+    @property
+    def utterance(self) -> str:
+        """'silence' (no speech since the last utterance), 'speech' (an utterance under
+        way) or 'closing' (it is over; its last decoding is due)."""
+        if self._closing:
+            return "closing"
+        return "speech" if self._speech_end > self._offset else "silence"
+
+    def speech_start(self) -> float:
+        """Seconds into the stream where the speech of the utterance under way begins
+        (the first window heard as speech in the buffer)."""
+        first = self._heard.find(1, self._offset // 512)
+        return max(first, 0) * 512 / SAMPLE_RATE
+
+    def end_utterance(self) -> bool:
+        """End the utterance under way now, as silence would: its audio is decoded once
+        more and committed whole. False when the buffer holds no speech."""
+        if self._finishing or self._speech_end <= self._offset:
+            return False
+        if not self._closing:
+            self._close()
+        return True
+
+    def clear(self) -> None:
+        """Drop the audio not yet committed, and the interim text with it."""
+        if self._finishing:
+            raise ValueError("the stream is finished; start a new one")
+        self._drop(len(self._buffer))
+        self._hypothesis, self._closing = [], False
+
     def due(self) -> bool:
         """Whether enough new audio arrived (or the stream is finishing) to decode again."""
         if self._finished:
             return False
         new = len(self._buffer) - self._decoded_to
-        return self._finishing or (self._closing and (new > 0 or bool(self._hypothesis))) or \
-            new >= self.options.update_seconds * SAMPLE_RATE
+        return self._finishing or self._closing or new >= self.options.update_seconds * SAMPLE_RATE
 
     def request(self) -> Request | None:
         """The buffer to decode now, or None when it holds no speech (nothing to do)."""
         self._decoded_to = len(self._buffer)
         if self._speech_end <= self._offset:  # no speech in the buffer
             return None
+        # An utterance that ended is decoded to where it ended: audio that came since
+        # (the next utterance, on a busy server) waits for decodings of its own; the
+        # stream's last decoding takes all there is.
+        end = self._closed_at - self._offset if self._closing and not self._finishing else len(self._buffer)
+        self._decoded_to = end
         # Only text whose audio has left the buffer: prompted with words it still hears,
         # the model tends to skip them, or not, from one decoding to the next. With a
         # context, none: the context's audio carries what was said, and a prompt that
@@ -174,7 +211,7 @@ class Stream:
         text = "" if self._context.size else "".join(w.word for w in self.committed if w.end <= before)
         prompt = tuple(self.tokenize(text)[-self.options.prompt_tokens:]) if text and self.options.prompt_tokens \
             else ()
-        return Request(np.concatenate([self._context, self._buffer]), prompt, self._context.size)
+        return Request(np.concatenate([self._context, self._buffer[:end]]), prompt, self._context.size)
 
     def _seconds(self, t: float, request: Request) -> float:
         """A time in a request's audio -> seconds of the stream."""
@@ -203,9 +240,11 @@ class Stream:
             return events + [Event("final", "".join(w.word for w in self.committed).strip(), tuple(self.committed))]
         if self._closing:  # the utterance is over: all of it is committed, its audio dropped
             self._closing, self._hypothesis = False, []
+            self.utterances += 1
             events = self._commit(words)
-            self._keep_context(self._speech_end)
+            self._keep_context(self._closed_speech)
             self._drop(len(request.audio) - request.context - int(LEAD_IN_SECONDS * SAMPLE_RATE))
+            self._settle_silence()  # the audio after it may hold a whole utterance too
             return events + [Event("interim", "")]
         agreed = 0
         while agreed < min(len(words), len(self._hypothesis)) and \
@@ -295,6 +334,10 @@ class Stream:
             start = max(self._offset, int(round((gap + word.start) / 2 * SAMPLE_RATE)))
         self._context, self._context_start = self._buffer[start - self._offset: end - self._offset].copy(), start
 
+    def _close(self) -> None:
+        self._closing = True
+        self._closed_at, self._closed_speech = self._offset + len(self._buffer), self._speech_end
+
     def _drop(self, n: int) -> None:
         n = max(0, min(n, len(self._buffer)))
         self._buffer, self._offset = self._buffer[n:], self._offset + n
@@ -304,13 +347,19 @@ class Stream:
         """After `end_silence_seconds` without speech the utterance is over: its audio is
         decoded once more and committed whole; silence alone is dropped undecoded (a
         little kept, for the next word's onset)."""
-        quiet = int(self.options.end_silence_seconds * SAMPLE_RATE)
         end = self._offset + len(self._buffer)
-        if end - max(self._speech_end, self._offset) < quiet:
+        quiet = self.options.end_silence_seconds
+        if quiet is None:  # turns end by the caller; silence alone is still never decoded
+            if self._speech_end <= self._offset and not self._closing:
+                self._drop(len(self._buffer) - int(LEAD_IN_SECONDS * SAMPLE_RATE))
+            return
+        if end - max(self._speech_end, self._offset) < int(quiet * SAMPLE_RATE):
+            return
+        if self._closing:  # ended already, and where it ended stays put
             return
         if self._speech_end > self._offset:
-            self._closing = True
-        elif not self._closing:
+            self._close()
+        else:
             self._drop(len(self._buffer) - int(LEAD_IN_SECONDS * SAMPLE_RATE))
 
 

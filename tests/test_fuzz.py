@@ -225,3 +225,25 @@ def test_options_take_any_values(overrides):
     except ValueError as e:
         assert any(name in str(e) for name in overrides) or "temperature" in str(e) or "beam" in str(e) \
             or "best_of" in str(e) or "patience" in str(e)
+
+
+_REALTIME_KEYS = st.sampled_from(["type", "rate", "language", "model", "threshold", "silence_duration_ms", "prompt"])
+
+
+_inputs = st.dictionaries(st.sampled_from(["format", "transcription", "turn_detection", "noise_reduction"]),
+                          st.one_of(st.dictionaries(_REALTIME_KEYS, plain, max_size=4), plain), max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.builds(lambda i: {"type": "transcription", "audio": {"input": i}}, _inputs), plain))
+def test_realtime_session_updates_take_any_data(session):
+    """A Realtime client's `session.update` of any shape is taken or answered with an
+    error naming its field, never an exception from inside."""
+    from maxwhisper.server.realtime import _BadEvent, _Session
+
+    try:
+        updated = _Session().updated(session, ("en",), False)
+    except _BadEvent as e:
+        assert e.message and (e.param is None or e.param.startswith("session"))
+    else:
+        assert updated.describe("sess")["type"] == "transcription"

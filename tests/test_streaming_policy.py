@@ -196,3 +196,49 @@ def test_frames_with_nan_are_refused():
     stream = Stream(lambda text: [], Detector())
     with pytest.raises(ValueError, match="NaN"):
         stream.add(np.array([0.0, np.nan], np.float32))
+
+
+def _decode_due(stream: Stream, decode) -> list[tuple[Request, list[Event]]]:
+    done = []
+    while stream.due():
+        request = stream.request()
+        if request is None:
+            break
+        done.append((request, stream.accept(decode(request), request)))
+    return done
+
+
+def test_an_utterance_that_ended_is_decoded_alone_when_the_next_one_is_already_in():
+    """On a busy server the second utterance arrives before the first one's last
+    decoding: that decoding stops where the first ended, and the second is an utterance
+    of its own."""
+    stream = Stream(lambda text: [1] * len(text.split()), Detector(), StreamOptions(update_seconds=30.0))
+    for _ in range(int(TOTAL / 0.1)):
+        stream.add(np.zeros(1600, np.float32))
+    assert stream.utterance == "closing"
+    (first, events), (second, more) = _decode_due(stream, scripted_decoder(stream))
+    assert (first.context + len(first.audio)) / SAMPLE_RATE <= 6.2, "the first utterance's audio only"
+    assert [w.word for e in events if e.type == "committed" for w in e.words] == [w for w, _, _ in SCRIPT[:6]]
+    assert [w.word for e in more if e.type == "committed" for w in e.words] == [w for w, _, _ in SCRIPT[6:]]
+    assert stream.utterances == 2 and stream.utterance == "silence"
+
+
+def test_without_end_silence_an_utterance_ends_when_the_caller_says():
+    """`end_silence_seconds=None`: a pause ends nothing (the words still commit by
+    agreement); `end_utterance()` ends it, and `clear()` drops what is not committed."""
+    stream = Stream(lambda text: [1] * len(text.split()), Detector(), StreamOptions(end_silence_seconds=None))
+    decode = scripted_decoder(stream)
+    for _ in range(50):  # to 5.0 s: the first utterance and a second of pause
+        stream.add(np.zeros(1600, np.float32))
+        _decode_due(stream, decode)
+    assert stream.utterance == "speech" and stream.utterances == 0
+    assert stream.speech_start() == pytest.approx(0.45, abs=0.05)
+    assert stream.end_utterance() and stream.utterance == "closing"
+    _decode_due(stream, decode)
+    assert [w.word for w in stream.committed] == [w for w, _, _ in SCRIPT[:6]] and stream.utterances == 1
+    assert not stream.end_utterance(), "no speech left to end"
+    for _ in range(25):  # into the second utterance
+        stream.add(np.zeros(1600, np.float32))
+    assert stream.utterance == "speech"
+    stream.clear()
+    assert stream.utterance == "silence" and len(stream.committed) == 6

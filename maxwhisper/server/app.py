@@ -247,6 +247,12 @@ def create_app(settings: ServerSettings | None = None, load: Callable | None = N
 
         await live(server, websocket)
 
+    @app.websocket("/v1/realtime")
+    async def realtime_session(websocket: WebSocket):
+        from .realtime import realtime
+
+        await realtime(server, websocket)
+
     @app.get("/")
     async def page():
         return FileResponse(PAGE, media_type="text/html")
