@@ -68,18 +68,24 @@ def _samples(data: bytes, fmt: str) -> np.ndarray:
     return samples
 
 
-async def live(server, websocket: WebSocket) -> None:
+def admitted(server, websocket: WebSocket):
+    """The model, for a socket that brings the server's API key (if it has one) once the
+    model is loaded; else `_Refused` with the close code that says why."""
     key = server.settings.api_key
+    if key is not None:
+        given = websocket.query_params.get("api_key") or \
+            websocket.headers.get("authorization", "").partition(" ")[2].strip()
+        if given != key:
+            raise _Refused("missing or incorrect API key (send ?api_key=KEY or a bearer token)", 1008)
+    if server.model is None:
+        raise _Refused("the model is still loading; try again shortly", 1013)
+    return server.model
+
+
+async def live(server, websocket: WebSocket) -> None:
     await websocket.accept()
     try:
-        if key is not None:
-            given = websocket.query_params.get("api_key") or \
-                websocket.headers.get("authorization", "").partition(" ")[2].strip()
-            if given != key:
-                raise _Refused("missing or incorrect API key (send ?api_key=KEY or a bearer token)", 1008)
-        model = server.model
-        if model is None:
-            raise _Refused("the model is still loading; try again shortly", 1013)
+        model = admitted(server, websocket)
         try:
             first = json.loads(await asyncio.wait_for(websocket.receive_text(), IDLE_S))
         except asyncio.TimeoutError:

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..streaming import SAMPLE_RATE, Stream, StreamOptions, stream_transcribe_options
 from ..transcribe import DecodingPlan
-from .live import IDLE_S, _done, _Refused, _waiting
+from .live import IDLE_S, _done, _Refused, _waiting, admitted
 from .scheduler import Job
 
 RATES = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
@@ -158,20 +158,12 @@ class _Audio:
 
 
 async def realtime(server, websocket: WebSocket) -> None:
-    key = server.settings.api_key
     await websocket.accept()
     try:
-        if key is not None:
-            given = websocket.query_params.get("api_key") or \
-                websocket.headers.get("authorization", "").partition(" ")[2].strip()
-            if given != key:
-                raise _Refused("missing or incorrect API key (send a bearer token or ?api_key=KEY)", 1008)
+        model = admitted(server, websocket)
         intent = websocket.query_params.get("intent", "transcription")
         if intent != "transcription":
             raise _Refused(f"only transcription sessions are served here (intent=transcription), found {intent!r}")
-        model = server.model
-        if model is None:
-            raise _Refused("the model is still loading; try again shortly", 1013)
         from ..vad import detector
 
         vad = await run_in_threadpool(detector)
