@@ -1,7 +1,8 @@
 """Live streams against the clock: N clients send clips over `maxwhisper serve`'s
 WebSocket in real time (the clock runs while the server decodes); per committed word,
 latency = when it was committed minus when its audio ended. Also the committed text's
-WER against the reference and against the offline transcript of the same audio.
+WER against the reference and against the offline transcript of the same audio; and the
+largest stream count run whose streams held a live caption's bounds.
 
     python -m benchmarks.streaming --model tiny.en --streams 1 2 4
     python -m benchmarks.streaming --model tiny.en --streams 1 2 4 --commit-after-seconds 1.0
@@ -104,6 +105,15 @@ def run(model_name: str, streams: list[int], policy: dict | None = None) -> list
     return rows
 
 
+MEDIAN_S, P95_S, WER_POINTS = 2.0, 4.0, 0.02  # a live caption's bounds
+
+
+def holding(rows: list[dict]) -> list[int]:
+    """The stream counts whose row holds every bound."""
+    return [r["streams"] for r in rows if r["median_s"] <= MEDIAN_S and r["p95_s"] <= P95_S
+            and r["wer"] <= r["offline_wer"] + WER_POINTS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny.en")
@@ -122,9 +132,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['streams']} | {r['words']} | {r['median_s']:.2f} s | {r['p95_s']:.2f} s | {100 * r['wer']:.1f}% "
               f"| {100 * r['offline_wer']:.1f}% | {100 * r['wer_vs_offline']:.1f}% |")
+    held = holding(rows)
+    print(f"streams within the bounds (median <= {MEDIAN_S} s, p95 <= {P95_S} s, committed WER within "
+          f"{100 * WER_POINTS:.0f} points of offline): {max(held) if held else 0} of those run {args.streams}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(model=args.model, policy=policy, rows=rows), f, indent=1)
+            json.dump(dict(model=args.model, policy=policy, rows=rows, within_bounds=held), f, indent=1)
 
 
 if __name__ == "__main__":

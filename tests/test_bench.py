@@ -129,3 +129,14 @@ def test_the_step_parts_benchmark_builds_each_part_at_its_shapes():
     assert [int(d) for d in other.output_types[0].shape] == [rows, step_parts.L, cached + 1, step_parts.D]
     attention = graphs["self-attention after the prefix (per layer)"]
     assert [int(d) for d in attention.inputs[3].tensor.shape] == [windows, prefix, step_parts.D]
+
+
+def test_the_streaming_benchmark_counts_the_streams_that_hold_every_bound():
+    from benchmarks.streaming import holding
+
+    def row(n, median, p95, wer, offline=0.03):
+        return dict(streams=n, median_s=median, p95_s=p95, wer=wer, offline_wer=offline)
+
+    rows = [row(1, 1.9, 2.6, 0.03), row(2, 1.95, 4.2, 0.03), row(3, 2.1, 3.0, 0.03), row(4, 1.5, 3.0, 0.06),
+            row(5, 2.0, 4.0, 0.045)]
+    assert holding(rows) == [1, 5]
