@@ -179,11 +179,15 @@ class Stream:
         return True
 
     def clear(self) -> None:
-        """Drop the audio not yet committed, and the interim text with it."""
+        """Drop the audio not yet committed, and the interim text with it; an utterance
+        that has ended keeps its audio for its last decoding."""
         if self._finishing:
             raise ValueError("the stream is finished; start a new one")
+        if self._closing:
+            self._buffer = self._buffer[: self._closed_at - self._offset]
+            return
         self._drop(len(self._buffer))
-        self._hypothesis, self._closing = [], False
+        self._hypothesis = []
 
     def due(self) -> bool:
         """Whether enough new audio arrived (or the stream is finishing) to decode again."""

@@ -126,10 +126,15 @@ def test_manual_turns_and_g711(server, tiny_en):
         conn.session.update(session=manual)  # answered after every append is taken
         before: list = []
         _until(conn, "session.updated", before)
-        assert "input_audio_buffer.speech_stopped" not in [e.type for e in before], "a pause ended the turn"
+        assert "input_audio_buffer.committed" not in [e.type for e in before], "a pause ended the turn"
         conn.input_audio_buffer.commit()
         done = _until(conn, "conversation.item.input_audio_transcription.completed", events)
-        assert "input_audio_buffer.committed" in [e.type for e in events]
+        item = _until(conn, "conversation.item.done", events)
+        kinds = [e.type for e in before + events]
+        assert "input_audio_buffer.committed" in kinds and "conversation.item.added" in kinds
+        assert not {"input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"} & set(kinds), \
+            "no VAD events without turn detection"
+        assert item.item.id == done.item_id and item.item.content[0].transcript == done.transcript
         # Against the offline transcript of the same narrowband audio (telephony loses words).
         import soxr
 
@@ -147,6 +152,8 @@ def test_manual_turns_and_g711(server, tiny_en):
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "format": {"type": "audio/opus"}}}}}, "session.audio.input.format.type"),
     ({"type": "session.update", "session": {"type": "realtime"}}, "session.type"),
+    ({"type": "transcription_session.update", "session": {"input_audio_format": "pcm16"}},
+     "session.input_audio_format"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
         "turn_detection": {"type": "server_vad", "threshold": 1.5}}}}}, "session.audio.input.turn_detection.threshold"),
     ({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
@@ -179,3 +186,24 @@ def test_a_session_without_the_key_or_for_conversation_is_refused(server, query,
         with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
             ws.recv(timeout=30)
     assert closed.value.rcvd.code == code and closed.value.rcvd.reason
+
+
+def test_commits_back_to_back_and_a_clear_after_a_commit_keep_every_utterance(server, offline):
+    """Manual turns sent faster than they decode: the second commit waits for the first
+    utterance's transcript, and a clear right after a commit leaves the committed audio."""
+    with _session(server) as conn:
+        conn.recv()
+        conn.session.update(session={"type": "transcription", "audio": {"input": {"turn_detection": None}}})
+        events: list = []
+        _until(conn, "session.updated", events)
+        silence = np.zeros(12000, np.float32)
+        _send_audio(conn, _pcm16(np.concatenate([_clip("01", 24000), silence])), 4800)
+        conn.input_audio_buffer.commit()
+        conn.input_audio_buffer.clear()
+        _send_audio(conn, _pcm16(np.concatenate([_clip("02", 24000), silence])), 4800)
+        conn.input_audio_buffer.commit()
+        done = [_until(conn, "conversation.item.input_audio_transcription.completed", events) for _ in range(2)]
+    assert done[0].item_id != done[1].item_id
+    for d, name in zip(done, ("01", "02")):
+        assert wer(offline[name], d.transcript) <= 0.15, (d.transcript, offline[name])
+    assert "error" not in [e.type for e in events]

@@ -83,6 +83,10 @@ class _Session:
         kind = session.get("type", "transcription")
         if kind != "transcription":
             raise _BadEvent(f"only transcription sessions are served here, found type {kind!r}", "session.type")
+        unknown = sorted(set(session) - {"type", "audio", "include", "id", "object"})
+        if unknown:  # the beta shape (input_audio_format, ...) among them
+            raise _BadEvent(f"unknown session field(s) {unknown}: a transcription session takes type, audio.input "
+                            f"(format, transcription, turn_detection) and include", f"session.{unknown[0]}")
         audio = session.get("audio") or {}
         inp = audio.get("input") if isinstance(audio, dict) else None
         if inp is None:
@@ -92,7 +96,7 @@ class _Session:
         fmt, options, model = self.format, self.options, self.model
         if "format" in inp:
             f = inp["format"] or {}
-            fmt = f.get("type") if isinstance(f, dict) else None
+            fmt = f.get("type", "audio/pcm") if isinstance(f, dict) else None
             if not isinstance(fmt, str) or fmt not in RATES:
                 raise _BadEvent(f"the input format must be one of {sorted(RATES)}, found {fmt!r}",
                                 "session.audio.input.format.type")
@@ -185,6 +189,8 @@ class _Realtime:
         self.item: str | None = None  # the utterance under way
         self.previous: str | None = None
         self.words: list = []  # its committed words
+        self.started = self.ended = 0.0  # where its speech began and where it was ended, in seconds
+        self.pending_commit = False  # a commit that came while the last one was decoding
 
     def _new_stream(self) -> Stream:
         return Stream(self.model.tokenizer.encode, self.vad.streaming(), self.session.options)
@@ -222,7 +228,7 @@ class _Realtime:
                                 code="invalid_event")
             try:
                 event = json.loads(message["text"])
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise _BadEvent("a client event must be JSON", code="invalid_json") from None
             if not isinstance(event, dict):
                 raise _BadEvent("a client event must be a JSON object", code="invalid_event")
@@ -242,12 +248,18 @@ class _Realtime:
                 await self.turns(before)
             elif kind == "input_audio_buffer.commit":
                 before = self.stream.utterance
-                if not self.stream.end_utterance() and before != "closing":
-                    raise _BadEvent("the input audio buffer holds no speech to commit", code="input_audio_buffer_commit_empty")
-                await self.turns(before)
+                if before == "closing":  # the one committed last is still decoding: this one waits
+                    self.pending_commit = True
+                elif self.stream.end_utterance():
+                    await self.turns(before)
+                else:
+                    raise _BadEvent("the input audio buffer holds no speech to commit",
+                                    code="input_audio_buffer_commit_empty")
             elif kind == "input_audio_buffer.clear":
+                if self.stream.utterance != "closing":  # a committed utterance is kept
+                    self.item, self.words = None, []
                 self.stream.clear()
-                self.item, self.words = None, []
+                self.pending_commit = False
                 await self.send("input_audio_buffer.cleared")
             else:
                 raise _BadEvent(f"unknown or unsupported client event type {kind!r}", "type", "invalid_event")
@@ -269,14 +281,19 @@ class _Realtime:
         """The speech detector's turns since `before`, as speech_started / speech_stopped
         / committed events."""
         now = self.stream.utterance
+        vad = self.stream.options.end_silence_seconds is not None  # manual turns: no VAD events
         if before == "silence" and now != "silence":
-            self.item, self.words = f"item_{uuid.uuid4().hex[:20]}", []
-            await self.send("input_audio_buffer.speech_started", item_id=self.item,
-                            audio_start_ms=int(self.stream.speech_start() * 1000))
+            self.item, self.words, self.started = f"item_{uuid.uuid4().hex[:20]}", [], self.stream.speech_start()
+            if vad:
+                await self.send("input_audio_buffer.speech_started", item_id=self.item,
+                                audio_start_ms=int(self.started * 1000))
         if now == "closing" and before != "closing":
-            await self.send("input_audio_buffer.speech_stopped", item_id=self.item,
-                            audio_end_ms=int(self.stream.received * 1000))
+            self.ended = self.stream.received
+            if vad:
+                await self.send("input_audio_buffer.speech_stopped", item_id=self.item,
+                                audio_end_ms=int(self.ended * 1000))
             await self.send("input_audio_buffer.committed", item_id=self.item, previous_item_id=self.previous)
+            await self.send("conversation.item.added", previous_item_id=self.previous, item=self._item(None))
 
     async def decode(self) -> None:
         stream = self.stream
@@ -302,14 +319,27 @@ class _Realtime:
             if stream.utterances > ended:
                 await self.complete()
                 await self.turns("silence")  # the next utterance may be under way (or over) already
+                if self.pending_commit:
+                    self.pending_commit = False
+                    before = stream.utterance
+                    if stream.end_utterance():
+                        await self.turns(before)
+                    else:
+                        await self.error(_BadEvent("the input audio buffer held no speech to commit",
+                                                   code="input_audio_buffer_commit_empty"))
 
     async def complete(self) -> None:
         if self.item is None:
             return
-        words = self.words
-        seconds = round(words[-1].end - words[0].start, 3) if words else 0.0
+        transcript = "".join(w.word for w in self.words).strip()
         await self.send("conversation.item.input_audio_transcription.completed", item_id=self.item, content_index=0,
-                        transcript="".join(w.word for w in words).strip(),
-                        usage={"type": "duration", "seconds": seconds})
+                        transcript=transcript,
+                        usage={"type": "duration", "seconds": round(max(0.0, self.ended - self.started), 3)})
+        await self.send("conversation.item.done", previous_item_id=self.previous, item=self._item(transcript))
         self.previous, self.item, self.words = self.item, None, []
+
+    def _item(self, transcript: str | None) -> dict:
+        return {"id": self.item, "object": "realtime.item", "type": "message", "role": "user",
+                "status": "in_progress" if transcript is None else "completed",
+                "content": [{"type": "input_audio", "transcript": transcript}]}
 
