@@ -123,6 +123,8 @@ def test_concurrent_streams_share_the_model_and_get_their_own_words(server):
 
 @pytest.mark.parametrize("messages, reason", [
     (["not json"], "must be JSON"),
+    (["[" * 100_000], "must be JSON"),
+    ([json.dumps({"type": "start"}), "[" * 100_000], 'must be {"type": "stop"}'),
     ([json.dumps({"type": "hello"})], "first message must be"),
     ([json.dumps({"type": "start", "sample_rate": 44100})], "sample_rate must be 16000"),
     ([json.dumps({"type": "start", "format": "mp3"})], "format must be one of"),

@@ -163,16 +163,17 @@ def test_manual_turns_and_g711(server, tiny_en):
     ({"type": "input_audio_buffer.append", "audio": "not base64!"}, "audio"),
     ({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()}, "audio"),
     ({"type": "response.create"}, "type"),
+    ("[" * 100_000, None),
 ])
 def test_a_bad_client_event_gets_an_error_naming_its_field(server, event, param):
     url = f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription&api_key={KEY}"
     with connect(url, open_timeout=30) as ws:
         assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
-        ws.send(json.dumps({"event_id": "evt_1", **event}))
+        ws.send(json.dumps({"event_id": "evt_1", **event}) if isinstance(event, dict) else event)
         error = json.loads(ws.recv(timeout=30))
         SERVER_EVENT.validate_python(error)
         assert error["type"] == "error" and error["error"]["param"] == param, error
-        assert error["error"]["event_id"] == "evt_1"
+        assert error["error"]["event_id"] == ("evt_1" if isinstance(event, dict) else None)
         ws.send(b"\x00\x01")  # binary frames are no client event either
         assert json.loads(ws.recv(timeout=30))["error"]["code"] == "invalid_event"
         ws.send(json.dumps({"type": "input_audio_buffer.clear"}))  # the session goes on

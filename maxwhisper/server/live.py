@@ -90,7 +90,7 @@ async def live(server, websocket: WebSocket) -> None:
             first = json.loads(await asyncio.wait_for(websocket.receive_text(), IDLE_S))
         except asyncio.TimeoutError:
             raise _Refused(f"no start message for {IDLE_S:.0f} s") from None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # nesting too deep to parse: no JSON here
             raise _Refused('the first message must be JSON text: {"type": "start", ...}') from None
         if not isinstance(first, dict):
             raise _Refused('the first message must be a JSON object: {"type": "start", ...}')
@@ -119,7 +119,7 @@ async def _run(server, websocket, model, stream: Stream, options: StreamOptions,
         elif message.get("text") is not None:
             try:
                 stop = json.loads(message["text"]).get("type") == "stop"
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 stop = False
             if not stop:
                 raise _Refused('text messages after start must be {"type": "stop"}')
