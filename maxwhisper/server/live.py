@@ -108,8 +108,6 @@ async def live(server, websocket: WebSocket) -> None:
 
 
 async def _run(server, websocket, model, stream: Stream, options: StreamOptions, fmt: str) -> None:
-    loop = asyncio.get_running_loop()
-
     async def take(message) -> bool:
         """Feed one message to the stream; False when the client has gone."""
         if message["type"] == "websocket.disconnect":
@@ -144,14 +142,7 @@ async def _run(server, websocket, model, stream: Stream, options: StreamOptions,
             request = stream.request()
             if request is None:
                 break
-            plan = DecodingPlan.of(model, stream_transcribe_options(options, request.prompt))
-            job = Job(request.audio, plan, loop)
-            server.scheduler.submit(job)
-            try:
-                result = await _done(job)
-            except asyncio.CancelledError:
-                server.scheduler.cancel(job.key)
-                raise
+            result = await decoded(server, model, options, request)
             for event in stream.accept(result, request):
                 await websocket.send_json(event.as_dict())
         if stream.finished:
@@ -166,6 +157,19 @@ async def _waiting(websocket: WebSocket, within_s: float = 0.002):
         return await asyncio.wait_for(websocket.receive(), within_s)
     except asyncio.TimeoutError:
         return None
+
+
+async def decoded(server, model, options: StreamOptions, request) -> dict:
+    """One decoding of a stream's request, through the server's scheduler (batched with
+    every other stream's and request's); cancelled there if the caller is."""
+    plan = DecodingPlan.of(model, stream_transcribe_options(options, request.prompt))
+    job = Job(request.audio, plan, asyncio.get_running_loop())
+    server.scheduler.submit(job)
+    try:
+        return await _done(job)
+    except asyncio.CancelledError:
+        server.scheduler.cancel(job.key)
+        raise
 
 
 async def _done(job: Job) -> dict:

@@ -26,10 +26,8 @@ import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
 
-from ..streaming import SAMPLE_RATE, Stream, StreamOptions, stream_transcribe_options
-from ..transcribe import DecodingPlan
-from .live import IDLE_S, _done, _Refused, _waiting, admitted
-from .scheduler import Job
+from ..streaming import LEAD_IN_SECONDS, SAMPLE_RATE, Stream, StreamOptions
+from .live import IDLE_S, _Refused, _waiting, admitted, decoded
 
 RATES = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
 _ERROR = "invalid_request_error"
@@ -70,7 +68,7 @@ class _Session:
         o = self.options
         fmt = {"type": self.format, **({"rate": RATES[self.format]} if self.format == "audio/pcm" else {})}
         turns = None if o.end_silence_seconds is None else {
-            "type": "server_vad", "threshold": o.speech_threshold, "prefix_padding_ms": 500,
+            "type": "server_vad", "threshold": o.speech_threshold, "prefix_padding_ms": int(LEAD_IN_SECONDS * 1000),
             "silence_duration_ms": int(round(o.end_silence_seconds * 1000))}
         return {"type": "transcription", "object": "realtime.transcription_session", "id": session_id,
                 "audio": {"input": {"format": fmt, "noise_reduction": None, "turn_detection": turns,
@@ -126,8 +124,8 @@ class _Session:
                                 "session.audio.input.turn_detection.type")
             else:
                 changes["speech_threshold"] = turns.get("threshold", options.speech_threshold)
-                ms = turns.get("silence_duration_ms", 800 if options.end_silence_seconds is None
-                               else options.end_silence_seconds * 1000)
+                ms = turns.get("silence_duration_ms", 1000 * (options.end_silence_seconds
+                                                              or StreamOptions().end_silence_seconds))
                 if isinstance(ms, bool) or not isinstance(ms, (int, float)):
                     raise _BadEvent(f"silence_duration_ms must be a number, found {ms!r}",
                                     "session.audio.input.turn_detection.silence_duration_ms")
@@ -301,14 +299,7 @@ class _Realtime:
             request = stream.request()
             if request is None:
                 return
-            plan = DecodingPlan.of(self.model, stream_transcribe_options(stream.options, request.prompt))
-            job = Job(request.audio, plan, asyncio.get_running_loop())
-            self.server.scheduler.submit(job)
-            try:
-                result = await _done(job)
-            except asyncio.CancelledError:
-                self.server.scheduler.cancel(job.key)
-                raise
+            result = await decoded(self.server, self.model, stream.options, request)
             ended = stream.utterances
             for event in stream.accept(result, request):
                 if event.type == "committed" and self.item is not None:
