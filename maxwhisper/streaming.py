@@ -183,8 +183,11 @@ class Stream:
         that has ended keeps its audio for its last decoding."""
         if self._finishing:
             raise ValueError("the stream is finished; start a new one")
-        if self._closing:
-            self._buffer = self._buffer[: self._closed_at - self._offset]
+        if self._closing:  # what came after it becomes silence, so the stream's clock runs on
+            self._buffer = self._buffer.copy()
+            self._buffer[self._closed_at - self._offset:] = 0
+            first = -(-self._closed_at // 512)  # the first window wholly after the utterance's end
+            self._heard[first:] = bytes(max(0, len(self._heard) - first))
             return
         self._drop(len(self._buffer))
         self._hypothesis = []

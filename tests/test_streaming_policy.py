@@ -242,3 +242,28 @@ def test_without_end_silence_an_utterance_ends_when_the_caller_says():
     assert stream.utterance == "speech"
     stream.clear()
     assert stream.utterance == "silence" and len(stream.committed) == 6
+
+
+def test_a_clear_while_an_utterance_ends_keeps_it_and_the_stream_clock():
+    """Audio cleared after an utterance ended is gone, but the ended utterance still
+    decodes whole and times after the clear stay on the stream's clock."""
+    stream = Stream(lambda text: [1] * len(text.split()), Detector(), StreamOptions(end_silence_seconds=None))
+    decode = scripted_decoder(stream)
+    for _ in range(45):  # the first utterance, then a pause
+        stream.add(np.zeros(1600, np.float32))
+        _decode_due(stream, decode)
+    assert stream.end_utterance()
+    for _ in range(30):  # into the second utterance, which is then cleared
+        stream.add(np.zeros(1600, np.float32))
+    stream.clear()
+    assert stream.received == pytest.approx(7.5)
+    _decode_due(stream, decode)
+    assert [w.word for w in stream.committed] == [w for w, _, _ in SCRIPT[:6]] and stream.utterances == 1
+    assert stream.utterance == "silence", "the cleared speech is not heard again"
+    for _ in range(25):  # the rest of the script: only its last words, after the clear
+        stream.add(np.zeros(1600, np.float32))
+        _decode_due(stream, decode)
+    assert stream.received == pytest.approx(TOTAL)
+    assert stream.end_utterance()
+    _decode_due(stream, decode)
+    assert [w.word for w in stream.committed[6:]] == [w for w, start, _ in SCRIPT if start >= 7.5]
