@@ -30,7 +30,8 @@ from max.graph import DeviceRef, Graph, Module, StaticDim, TensorType, TensorVal
 from max.graph.quantization import QuantizationEncoding
 
 from .manifest import manifest
-from .precision import FLOAT32, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SUFFIX, Precision, q4_0_rows, quantized_matrices
+from .precision import (AMX_KERNELS, AMX_OP, AMX_SUFFIX, FLOAT32, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SUFFIX, Precision,
+                        amx_shape, q4_0_rows, quantized_matrices, tiled_matrices)
 from .spec import SUBLAYER_PREFIX, ModelSpec
 
 # How attention is computed. "unfused": softmax(QK^T)V as matmuls and a softmax, on any
@@ -64,11 +65,17 @@ class GraphOptions:
     def dtype(self) -> DType:
         return self.precision.dtype
 
+    @property
+    def kernels(self) -> dict:
+        """The Graph keywords that load the custom kernels this precision calls."""
+        return {"custom_extensions": [AMX_KERNELS]} if self.precision.tiled else {}
+
 
 class Weights:
     """Declares a graph's weights on first use, with the manifest's (the checkpoint's)
     shape, in the precision's dtype; under q4_0 the quantized matrices are bound as
-    Q4_0 blocks under `name + ".q4_0"`, which `matmul` uses. Names are relative to
+    Q4_0 blocks under `name + ".q4_0"`, under amx_bf16 every matrix as AMX tiles under
+    `name + ".amx"`; `matmul` uses them. Names are relative to
     `prefix` (a layer's, "decoder.blocks.3."). With `placeholder` (a block's subgraph)
     they are declared relative too, and each `ops.call` of the subgraph resolves them
     with its own layer's prefix."""
@@ -78,6 +85,7 @@ class Weights:
         self.graph, self.spec, self.options, self.prefix = graph, spec, options, prefix
         self.manifest, self.placeholder = manifest(spec), placeholder
         self.quantized = frozenset(quantized_matrices(spec)) if options.precision.quantized else frozenset()
+        self.tiled = frozenset(tiled_matrices(spec)) if options.precision.tiled else frozenset()
         self.declared: dict[str, TensorValue] = {} if declared is None else declared
 
     def at(self, prefix: str) -> Weights:
@@ -97,6 +105,8 @@ class Weights:
 
     def matmul(self, x: TensorValue, name: str) -> TensorValue:
         """x (..., in) @ the matrix `name`.T -> (..., out)."""
+        if self.prefix + name in self.tiled:
+            return self._amx_matmul(x, name)
         if self.prefix + name not in self.quantized:
             return _matmul(x, self(name), self.options.single_row)
         n_out, n_in = self.manifest[self.prefix + name].shape
@@ -105,6 +115,16 @@ class Weights:
                                QuantizationEncoding.Q4_0)
         y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x.reshape([-1, n_in]), blocks)
         return (y if q4_0_rows(n_out) == n_out else y[:, :n_out]).reshape([*lead, n_out])
+
+    def _amx_matmul(self, x: TensorValue, name: str) -> TensorValue:
+        n_out, n_in = self.manifest[self.prefix + name].shape
+        shape = amx_shape(n_out, n_in)
+        tiles = self._declare(name + AMX_SUFFIX, DType.uint16, shape)
+        *lead, _ = x.shape
+        x = x.reshape([-1, n_in])
+        width = shape[0] * 16
+        y = ops.custom(AMX_OP, x.device, [x, tiles], [TensorType(DType.float32, [x.shape[0], width], x.device)])[0].tensor
+        return (y if width == n_out else y[:, :n_out]).reshape([*lead, n_out])
 
 
 def _matmul(x: TensorValue, w: TensorValue, single_row: bool = True) -> TensorValue:
@@ -364,7 +384,7 @@ def residual_block(w: Weights, spec: ModelSpec, part: str, x: TensorValue, self_
 def _subgraph(g: Graph, name: str, spec: ModelSpec, options: GraphOptions, prefix: str, input_types, body) -> Graph:
     """`body(weights, *inputs)` as a subgraph of g whose weights are named relative to
     `prefix`, a representative layer's (they all have the same shapes)."""
-    with g.add_subgraph(name, input_types=input_types, devices=[options.device]) as sub:
+    with g.add_subgraph(name, input_types=input_types, devices=[options.device], **options.kernels) as sub:
         out = body(Weights(sub, spec, options, prefix, placeholder=True), *(v.tensor for v in sub.inputs))
         sub.output(*out)
     return sub
@@ -382,7 +402,7 @@ def encoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(),
     mel_type = TensorType(DType.float32, ["batch", spec.audio.n_mels, spec.audio.n_frames], device)
     x_type = TensorType(dtype, ["batch", enc.n_ctx, enc.n_state], device)
     names, extra = ["features", "cross_k", "cross_v"], []
-    with Graph(f"{spec.name}_encoder", input_types=[mel_type], module=module) as g:
+    with Graph(f"{spec.name}_encoder", input_types=[mel_type], module=module, **options.kernels) as g:
         # Subgraphs first: one added after other ops fails to compile in MAX 26.7
         # ("Expressions are not (currently) allowed in function signatures").
         block = _subgraph(g, "encoder_block", spec, options, "encoder.blocks.0.", [x_type],
@@ -497,7 +517,7 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
     for layer, head in sorted(alignment_heads(spec)) if alignment else []:
         heads_by_layer.setdefault(layer, []).append(head)
     name = f"{spec.name}_decoder" + ("_alignment" if alignment else "")
-    with Graph(name, input_types=types, module=module) as g:
+    with Graph(name, input_types=types, module=module, **options.kernels) as g:
         block = _decoder_block(g, spec, options, alignment)  # first, as in encoder_graph
         w = Weights(g, spec, options)
         (tokens, order, self_k, self_v, cross_k, cross_v, prefix_k, prefix_v, pads, row_pads,

@@ -36,6 +36,7 @@ from pathlib import Path
 from max.engine import InferenceSession, read
 from max.graph import Module
 
+from .precision import AMX_KERNELS, AMX_OP
 from .registry import cache_dir
 
 log = logging.getLogger("maxwhisper")
@@ -94,9 +95,14 @@ def compiled_dir() -> Path:
 def module_hash(module: Module) -> str:
     """The module's MLIR text, hashed. The text numbers each graph's ops with a counter
     that runs on over the process (`{counter = N : i64}`): left out, so that one module
-    has one hash whatever was built before it."""
+    has one hash whatever was built before it. The text names a custom kernel but does
+    not hold its code, so a module calling maxwhisper's kernels hashes their sources too."""
     text = re.sub(r"\{counter = \d+ : i64\}", "", str(module.mlir_module))
-    return hashlib.sha256(text.encode()).hexdigest()
+    digest = hashlib.sha256(text.encode())
+    if AMX_OP in text:
+        for source in sorted(AMX_KERNELS.glob("*.mojo")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def _about(module: Module, label: str, device) -> dict:

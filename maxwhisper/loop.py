@@ -101,7 +101,7 @@ def greedy_graph(spec: ModelSpec, eot: int, timestamp_begin: int, options: Graph
              TensorType(f32, [V], device),
              TensorType(f32, [V], device),
              TensorType(i64, [], cpu)]
-    with Graph(f"{spec.name}_greedy", input_types=types, module=module) as g:
+    with Graph(f"{spec.name}_greedy", input_types=types, module=module, **options.kernels) as g:
         w = Weights(g, spec, options)
         logits0, prompt_k, prompt_v, cross_k, cross_v, suppress, begin, max_new = (v.tensor for v in g.inputs)
         b, p0 = logits0.shape[0], prompt_k.shape[2]

@@ -1,14 +1,17 @@
 """Precision: how a model's weights are stored and its activations computed.
 
-One `Precision` value names it ("float32", "float16", "bfloat16", "q4_0"), gives the
-activations' MAX `DType` and says whether the decoder's matrices are 4-bit blocks. This
-module owns everything that follows from it: which tensors are quantized, bfloat16
-rounding, Q4_0 packing and the arrays bound to the graphs' weights.
+One `Precision` value names it ("float32", "float16", "bfloat16", "q4_0", "amx_bf16"),
+gives the activations' MAX `DType` and says how the matrices are bound: the decoder's
+as 4-bit blocks (q4_0), or every matrix as bfloat16 tiles for Intel AMX (amx_bf16). This
+module owns everything that follows from it: which tensors are quantized or tiled,
+bfloat16 rounding, Q4_0 and AMX packing and the arrays bound to the graphs' weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 from max.driver import Buffer
@@ -23,6 +26,7 @@ class Precision:
     name: str
     dtype: DType          # activations and every float weight
     quantized: bool       # the decoder's matrices as Q4_0 blocks (CPU only)
+    tiled: bool = False   # every matrix as bfloat16 AMX tiles (CPUs with AMX only)
 
 
 FLOAT32 = Precision("float32", DType.float32, False)
@@ -32,12 +36,31 @@ PRECISIONS = {p.name: p for p in (
     Precision("bfloat16", DType.bfloat16, False),
     # The decoder's matrices in 4-bit blocks, everything else float32.
     Precision("q4_0", DType.float32, True),
+    # Every matrix product in bfloat16 on AMX, accumulated and everything else float32.
+    Precision("amx_bf16", DType.float32, False, tiled=True),
 )}
 
 # Q4_0 (GGML's layout): blocks of 32 weights along a row, each an fp16 scale and 32
 # 4-bit values, 18 bytes. MAX's CPU kernel wants rows (outputs) in multiples of 32 too.
 Q4_0_BLOCK, Q4_0_BYTES = 32, 18
 Q4_0_SUFFIX = ".q4_0"
+
+# AMX tiles: a matrix (out, in) as (out/16, in/32, 16, 32) bfloat16 (kernels/amx.mojo),
+# out padded with zero rows to a multiple of 32 and in with zero columns to one of 32.
+AMX_SUFFIX = ".amx"
+AMX_KERNELS = Path(__file__).resolve().parent / "kernels"
+AMX_OP = "maxwhisper_amx_matmul"
+
+
+@cache
+def has_amx() -> bool:
+    """Whether this CPU multiplies bfloat16 tiles (Linux's /proc/cpuinfo flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {"amx_tile", "amx_bf16"} <= set(flags)
 
 
 def resolve_precision(precision: str | Precision | None, device_name: str) -> Precision:
@@ -53,6 +76,10 @@ def resolve_precision(precision: str | Precision | None, device_name: str) -> Pr
     if PRECISIONS[precision].quantized and device_name != "cpu":
         raise ValueError("precision 'q4_0' runs on the CPU only (MAX's Q4_0 matmul is a CPU kernel); "
                          "use 'bfloat16' or 'float16' on a GPU")
+    if PRECISIONS[precision].tiled and (device_name != "cpu" or not has_amx()):
+        where = "a GPU" if device_name != "cpu" else "this CPU, which has no AMX (no amx_bf16 in its flags)"
+        raise ValueError(f"precision 'amx_bf16' runs on CPUs with Intel AMX only, not on {where}; "
+                         "use 'float32' or 'q4_0' on the CPU, 'bfloat16' on a GPU")
     return PRECISIONS[precision]
 
 
@@ -71,10 +98,18 @@ def quantized_matrices(spec: ModelSpec) -> list[str]:
             and ".cross_attn.key." not in name and ".cross_attn.value." not in name]
 
 
+def tiled_matrices(spec: ModelSpec) -> list[str]:
+    """The matrices amx_bf16 binds as AMX tiles: every matrix of both stacks. The conv
+    stem's kernels (3-D) stay float32."""
+    return [name for name, info in manifest(spec).items() if is_matrix(name, info.shape)]
+
+
 def float_weights(spec: ModelSpec, precision: Precision) -> list[str]:
-    """The names bound in the float dtype: all, or under q4_0 all but the quantized
-    matrices, save the token embedding, which the embedding lookup still gathers from."""
-    skip = set(quantized_matrices(spec)) - {"decoder.token_embedding.weight"} if precision.quantized else set()
+    """The names bound in the float dtype: all, or under q4_0 or amx_bf16 all but the
+    quantized or tiled matrices, save the token embedding, which the embedding lookup
+    still gathers from."""
+    packed = quantized_matrices(spec) if precision.quantized else tiled_matrices(spec) if precision.tiled else []
+    skip = set(packed) - {"decoder.token_embedding.weight"}
     return [name for name in manifest(spec) if name not in skip]
 
 
@@ -112,9 +147,28 @@ def q4_0_blocks(name: str, a: np.ndarray) -> np.ndarray:
     return quants.quantize(padded, GGMLQuantizationType.Q4_0)
 
 
+def amx_shape(n_out: int, n_in: int) -> tuple[int, int, int, int]:
+    """The bound shape of an (out, in) matrix's AMX tiles."""
+    return -(-n_out // 32) * 2, -(-n_in // 32), 16, 32
+
+
+def amx_tiles(a: np.ndarray) -> np.ndarray:
+    """A checkpoint matrix (out, in) as kernels/amx.mojo reads it: bfloat16 (as uint16)
+    tiles of 16 outputs x 32 inputs, each 16 rows of input pairs, both outputs' values
+    of a pair side by side (the order TDPBF16PS reads), zero-padded."""
+    n_out, n_in = a.shape
+    blocks, steps, _, _ = amx_shape(n_out, n_in)
+    padded = np.zeros((blocks * 16, steps * 32), np.float32)
+    padded[:n_out, :n_in] = a
+    tiles = bfloat16_bits(padded).reshape(blocks, 16, steps, 16, 2).transpose(0, 2, 3, 1, 4)
+    return np.ascontiguousarray(tiles.reshape(blocks, steps, 16, 32))
+
+
 def bound_weights(spec: ModelSpec, weights: dict[str, np.ndarray], precision: Precision) -> dict:
     """{graph weight name: array} for every weight the graphs declare in `precision`."""
     registry = {k: weight_array(weights[k], precision.dtype) for k in float_weights(spec, precision)}
     if precision.quantized:
         registry.update({k + Q4_0_SUFFIX: q4_0_blocks(k, weights[k]) for k in quantized_matrices(spec)})
+    if precision.tiled:
+        registry.update({k + AMX_SUFFIX: amx_tiles(weights[k]) for k in tiled_matrices(spec)})
     return registry

@@ -128,8 +128,12 @@ class CompiledWhisper:
             self._greedy_loop()
 
     def _compile(self, what: str, *builders):
-        """Build graphs into one module, load it compiled (compiled.py) and bind weights."""
+        """Build graphs into one module, load it compiled (compiled.py) and bind weights.
+        MAX 26.7 compiles custom kernels (amx_bf16's) in a lone graph only, not in a
+        module of several: those graphs load one by one, from MAX's own cache."""
         with _BUILD_LOCK, ensure_default_mlir_context():
+            if self.precision.tiled:
+                return [self._session.load(build(None), weights_registry=self._registry) for build in builders]
             module = Module()
             graphs = [build(module) for build in builders]
             label = f"{self.spec.name}-{what}-{self.precision.name}-{self.options.attention}-{self.device_name}"

@@ -1,0 +1,1 @@
+# maxwhisper's CPU kernels, loaded into a graph as MAX custom ops (kernels.py).
