@@ -11,8 +11,9 @@ The recording is the committed clips (tests/data/speech) in turn, with pauses of
 3 s between them, so its text is known. Every system decodes at temperature 0 with
 --beam-size beams, timestamps on (faster-whisper's batched pipeline decodes without
 them, as it does by default), language English. Precision classes: float32 against
-float32 (whisper.cpp: float16, its top precision on the CPU), and our q4_0 against
-faster-whisper's int8 and whisper.cpp's --whispercpp-type. Each system transcribes a 30 s
+float32 (whisper.cpp: float16, its top precision on the CPU), and our --low-precision
+(q4_0, or amx_bf16 on CPUs with Intel AMX) against faster-whisper's int8 and
+whisper.cpp's --whispercpp-type. Each system transcribes a 30 s
 clip first (warm-up), then the recording once; the load is not in the time.
 
 `--rss-hours` writes that many hours of generated audio (silence with low noise, one
@@ -102,8 +103,11 @@ def _whispercpp(model: str, ftype: str, beam: int, threads: int):
     return transcriber(model, ftype, threads, beam)
 
 
-def run(model: str, minutes: float, batch: int, beam: int, threads: int, whispercpp: str = "q4_0") -> dict:
+def run(model: str, minutes: float, batch: int, beam: int, threads: int, whispercpp: str = "q4_0",
+        low: str = "q4_0") -> dict:
+    """`low`: our precision in the low-precision class (q4_0 or amx_bf16)."""
     audio, text = recording(minutes)
+    lows = f"{low} / int8"
     warm = audio[: 30 * RATE]
     beam_ours = beam if beam > 1 else None
     systems = [
@@ -113,12 +117,12 @@ def run(model: str, minutes: float, batch: int, beam: int, threads: int, whisper
         (f"faster-whisper BatchedInferencePipeline (batch {batch})", "float32",
          lambda: _faster_whisper(model, "float32", batch, beam, threads)),
         ("whisper.cpp sequential (fp16)", "float32", lambda: _whispercpp(model, "float16", beam, threads)),
-        ("maxwhisper sequential", "q4_0 / int8", lambda: _ours(model, "q4_0", None, beam_ours)),
-        (f"maxwhisper batched (VAD, batch {batch})", "q4_0 / int8", lambda: _ours(model, "q4_0", batch, beam_ours)),
-        ("faster-whisper sequential", "q4_0 / int8", lambda: _faster_whisper(model, "int8", None, beam, threads)),
-        (f"faster-whisper BatchedInferencePipeline (batch {batch})", "q4_0 / int8",
+        ("maxwhisper sequential", lows, lambda: _ours(model, low, None, beam_ours)),
+        (f"maxwhisper batched (VAD, batch {batch})", lows, lambda: _ours(model, low, batch, beam_ours)),
+        ("faster-whisper sequential", lows, lambda: _faster_whisper(model, "int8", None, beam, threads)),
+        (f"faster-whisper BatchedInferencePipeline (batch {batch})", lows,
          lambda: _faster_whisper(model, "int8", batch, beam, threads)),
-        (f"whisper.cpp sequential ({whispercpp})", "q4_0 / int8",
+        (f"whisper.cpp sequential ({whispercpp})", lows,
          lambda: _whispercpp(model, whispercpp, beam, threads)),
     ]
     rows = []
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="faster-whisper's and whisper.cpp's threads (default: all)")
     p.add_argument("--whispercpp-type", default="q4_0", choices=["q8_0", "q5_0", "q4_0"],
                    help="whisper.cpp's model type in the quantized class")
+    p.add_argument("--low-precision", default="q4_0", choices=["q4_0", "amx_bf16"],
+                   help="our precision in the quantized class (amx_bf16: CPUs with Intel AMX)")
     p.add_argument("--rss-hours", type=float, default=None,
                    help="instead: peak resident memory of this many hours with the VAD and batching")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -254,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'batch ' + str(report['batch']) if r['vad'] else 'no VAD'} | {r['loaded_mib']:.0f} MiB | "
                   f"{r['peak_mib']:.0f} MiB | {r['seconds']:.0f} s |")
     else:
-        report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads, args.whispercpp_type)
+        report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads, args.whispercpp_type,
+                     args.low_precision)
         print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
