@@ -145,6 +145,15 @@ def wer(reference: str, hypothesis: str) -> float:
     return jiwer.wer(normalized(reference), normalized(hypothesis))
 
 
+def clips_wer(model) -> float:
+    """A model's word error rate over all the committed clips, words weighted."""
+    errors = words = 0
+    for path, text in speech_clips().items():
+        n = len(normalized(text).split())
+        errors, words = errors + wer(text, model.transcribe(path)["text"]) * n, words + n
+    return errors / words
+
+
 def audioeval_sample(lang: str, name: str) -> tuple[str, str]:
     """A pytest-audioeval sample: (wav path, its text)."""
     import importlib.util

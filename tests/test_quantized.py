@@ -4,7 +4,7 @@ everything else float32. Checked on real tiny.en weights and speech against floa
 import numpy as np
 import pytest
 
-from helpers import PRECISION_ROWS, normalized, prompt_logits, real_model, speech_clips, wer
+from helpers import PRECISION_ROWS, clips_wer, prompt_logits, real_model, speech_clips
 from maxwhisper.precision import q4_0_blocks, quantized_matrices, resolve_precision
 from maxwhisper.model import Whisper
 
@@ -79,13 +79,7 @@ def test_transcripts_close_to_float32(q4, tiny_en):
     """4-bit weights may change words (as CTranslate2's int8 does); on clean speech the
     word error rate stays within 3 points of float32's."""
 
-    rates = {}
-    for dtype, model in (("q4_0", q4), ("float32", tiny_en)):
-        errors = words = 0
-        for path, text in speech_clips().items():
-            n = len(normalized(text).split())
-            errors, words = errors + wer(text, model.transcribe(path)["text"]) * n, words + n
-        rates[dtype] = errors / words
+    rates = {"q4_0": clips_wer(q4), "float32": clips_wer(tiny_en)}
     PRECISION_ROWS.append(("q4_0", "WER on tests/data/speech (float32's)", f"{rates['q4_0']:.1%} ({rates['float32']:.1%})"))
     assert rates["q4_0"] <= rates["float32"] + 0.03, rates
 
