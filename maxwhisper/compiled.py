@@ -30,13 +30,12 @@ import re
 import tempfile
 import threading
 import time
-from functools import cache
 from pathlib import Path
 
 from max.engine import InferenceSession, read
 from max.graph import Module
 
-from .precision import AMX_KERNELS, AMX_OP
+from .cpuinfo import cpu_fields
 from .registry import cache_dir
 
 log = logging.getLogger("maxwhisper")
@@ -44,25 +43,10 @@ ANNOUNCE_AFTER_S = 1.0
 PREBUILT = Path(__file__).resolve().parent / "prebuilt"
 
 
-@cache
-def _cpu_fields() -> dict[str, str]:
-    """The host CPU as /proc/cpuinfo names it: model and instruction-set flags."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "flags", "Features", "CPU implementer", "CPU part") and key not in fields:
-                fields[key] = value.strip()
-    except OSError:
-        pass
-    return fields
-
-
 def target(device) -> dict:
     """The compile target of a MAX device."""
     if device.is_host:
-        fields = _cpu_fields()
+        fields = cpu_fields()
         flags = (fields.get("flags") or fields.get("Features") or "").split()
         return {"kind": "cpu", "machine": platform.machine(), "model": fields.get("model name", platform.processor()),
                 "flags": sorted(set(flags))}
@@ -95,14 +79,9 @@ def compiled_dir() -> Path:
 def module_hash(module: Module) -> str:
     """The module's MLIR text, hashed. The text numbers each graph's ops with a counter
     that runs on over the process (`{counter = N : i64}`): left out, so that one module
-    has one hash whatever was built before it. The text names a custom kernel but does
-    not hold its code, so a module calling maxwhisper's kernels hashes their sources too."""
+    has one hash whatever was built before it."""
     text = re.sub(r"\{counter = \d+ : i64\}", "", str(module.mlir_module))
-    digest = hashlib.sha256(text.encode())
-    if AMX_OP in text:
-        for source in sorted(AMX_KERNELS.glob("*.mojo")):
-            digest.update(source.read_bytes())
-    return digest.hexdigest()
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _about(module: Module, label: str, device) -> dict:

@@ -10,13 +10,13 @@ bfloat16 rounding, Q4_0 and AMX packing and the arrays bound to the graphs' weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 from max.driver import Buffer
 from max.dtype import DType
 
+from .cpuinfo import has_amx
 from .manifest import manifest
 from .spec import ModelSpec
 
@@ -50,17 +50,6 @@ Q4_0_SUFFIX = ".q4_0"
 AMX_SUFFIX = ".amx"
 AMX_KERNELS = Path(__file__).resolve().parent / "kernels"
 AMX_OP = "maxwhisper_amx_matmul"
-
-
-@cache
-def has_amx() -> bool:
-    """Whether this CPU multiplies bfloat16 tiles (Linux's /proc/cpuinfo flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {"amx_tile", "amx_bf16"} <= set(flags)
 
 
 def resolve_precision(precision: str | Precision | None, device_name: str) -> Precision:

@@ -90,32 +90,3 @@ def test_wer_within_half_a_point_of_float32(amx, tiny_en):
                            f"{rates['amx_bf16']:.1%} ({rates['float32']:.1%})"))
     assert rates["amx_bf16"] <= rates["float32"] + 0.005, rates
 
-
-@needs_amx
-def test_a_module_calling_the_kernel_is_keyed_by_its_source(tmp_path, monkeypatch):
-    """The MLIR text names the custom op, not its code: a changed kernel must miss the cache."""
-    import shutil
-
-    from max.dtype import DType
-    from max.graph import DeviceRef, Graph, Module, TensorType, ops
-    from max._mlir_context import ensure_default_mlir_context
-
-    from maxwhisper import compiled
-
-    cpu = DeviceRef.CPU()
-    with ensure_default_mlir_context():
-        calling, plain = Module(), Module()
-        with Graph("calls", input_types=[TensorType(DType.float32, ["rows", 64], cpu),
-                                         TensorType(DType.uint16, list(amx_shape(32, 64)), cpu)],
-                   custom_extensions=[AMX_KERNELS], module=calling) as g:
-            x, tiles = (v.tensor for v in g.inputs)
-            g.output(ops.custom(AMX_OP, cpu, [x, tiles], [TensorType(DType.float32, [x.shape[0], 32], cpu)])[0])
-        with Graph("plain", input_types=[TensorType(DType.float32, ["rows", 64], cpu)], module=plain) as g:
-            g.output(g.inputs[0].tensor * 2)
-        before = compiled.module_hash(calling), compiled.module_hash(plain)
-        changed = tmp_path / "kernels"
-        shutil.copytree(AMX_KERNELS, changed)
-        (changed / "amx.mojo").write_text((changed / "amx.mojo").read_text() + "\n# changed\n")
-        monkeypatch.setattr(compiled, "AMX_KERNELS", changed)
-        after = compiled.module_hash(calling), compiled.module_hash(plain)
-    assert before[0] != after[0] and before[1] == after[1]

@@ -1,1 +1,1 @@
-# maxwhisper's CPU kernels, loaded into a graph as MAX custom ops (kernels.py).
+# maxwhisper's CPU kernels, loaded into a graph as MAX custom ops (builder.GraphOptions.kernels).
