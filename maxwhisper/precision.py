@@ -9,14 +9,16 @@ bfloat16 rounding, Q4_0 and AMX packing and the arrays bound to the graphs' weig
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from max import driver
 from max.driver import Buffer
 from max.dtype import DType
 
-from .cpuinfo import has_amx
+from .cpuinfo import amx_missing
 from .manifest import manifest
 from .spec import ModelSpec
 
@@ -50,6 +52,12 @@ Q4_0_SUFFIX = ".q4_0"
 AMX_SUFFIX = ".amx"
 AMX_KERNELS = Path(__file__).resolve().parent / "kernels"
 AMX_OP = "maxwhisper_amx_matmul"
+# MAX compiles CPU code for the CPU model that CPUID reports, with that model's features
+# only. A virtual machine may report another model than its CPU's (seen: model 167, a
+# desktop part without AMX, on a Xeon with AMX), and the tile instructions then do not
+# compile. amx_bf16's graphs are compiled for this CPU instead, whose features
+# `cpuinfo.AMX_TARGET_FLAGS` lists.
+AMX_TARGET = "sapphirerapids"
 
 
 def resolve_precision(precision: str | Precision | None, device_name: str) -> Precision:
@@ -65,11 +73,24 @@ def resolve_precision(precision: str | Precision | None, device_name: str) -> Pr
     if PRECISIONS[precision].quantized and device_name != "cpu":
         raise ValueError("precision 'q4_0' runs on the CPU only (MAX's Q4_0 matmul is a CPU kernel); "
                          "use 'bfloat16' or 'float16' on a GPU")
-    if PRECISIONS[precision].tiled and (device_name != "cpu" or not has_amx()):
-        where = "a GPU" if device_name != "cpu" else "this CPU, which has no AMX (no amx_bf16 in its flags)"
+    missing = amx_missing() if PRECISIONS[precision].tiled and device_name == "cpu" else []
+    if PRECISIONS[precision].tiled and (device_name != "cpu" or missing):
+        where = "a GPU" if device_name != "cpu" else f"this CPU, whose flags lack {', '.join(missing)}"
         raise ValueError(f"precision 'amx_bf16' runs on CPUs with Intel AMX only, not on {where}; "
                          "use 'float32' or 'q4_0' on the CPU, 'bfloat16' on a GPU")
     return PRECISIONS[precision]
+
+
+@contextmanager
+def amx_compile_target():
+    """Within it, MAX compiles CPU code for AMX_TARGET (process-wide: hold the build
+    lock). MAX compiles a graph when it loads, so only loads belong inside."""
+    before = driver.get_virtual_cpu_target()
+    driver.set_virtual_cpu_target(AMX_TARGET)
+    try:
+        yield
+    finally:
+        driver.set_virtual_cpu_target(before)
 
 
 def is_matrix(name: str, shape) -> bool:

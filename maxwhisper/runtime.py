@@ -24,7 +24,7 @@ from max.graph import DeviceRef, Module
 
 from .builder import GraphOptions, decoder_graph, encoder_graph, select_graph
 from .compiled import compile_module
-from .precision import Precision, bound_weights, resolve_precision
+from .precision import Precision, amx_compile_target, bound_weights, resolve_precision
 from .spec import ModelSpec
 from .weights import check_arrays
 
@@ -133,7 +133,9 @@ class CompiledWhisper:
         module of several: those graphs load one by one, from MAX's own cache."""
         with _BUILD_LOCK, ensure_default_mlir_context():
             if self.precision.tiled:
-                return [self._session.load(build(None), weights_registry=self._registry) for build in builders]
+                graphs = [build(None) for build in builders]
+                with amx_compile_target():
+                    return [self._session.load(g, weights_registry=self._registry) for g in graphs]
             module = Module()
             graphs = [build(module) for build in builders]
             label = f"{self.spec.name}-{what}-{self.precision.name}-{self.options.attention}-{self.device_name}"

@@ -7,10 +7,11 @@ import pytest
 
 from helpers import PRECISION_ROWS, clips_wer, prompt_logits, real_model
 from maxwhisper import precision
+from maxwhisper.cpuinfo import has_amx
 from maxwhisper.precision import AMX_KERNELS, AMX_OP, amx_shape, amx_tiles, bfloat16_bits, resolve_precision
 
-needs_amx = pytest.mark.skipif(not precision.has_amx(), reason="this CPU has no Intel AMX (amx_bf16 flag); "
-                               "the kernel's layout and the refusals are still tested")
+needs_amx = pytest.mark.skipif(not has_amx(), reason="this CPU lacks flags of the AMX target "
+                               "(cpuinfo.AMX_TARGET_FLAGS); the kernel's layout and the refusals are still tested")
 
 
 def _as_float(bits: np.ndarray) -> np.ndarray:
@@ -32,19 +33,17 @@ def test_tiles_hold_each_weight_where_the_kernel_reads_it():
 def test_amx_bf16_refused_without_amx(monkeypatch):
     with pytest.raises(ValueError, match="precision 'amx_bf16' runs on CPUs with Intel AMX only, not on a GPU"):
         resolve_precision("amx_bf16", "gpu")
-    monkeypatch.setattr(precision, "has_amx", lambda: False)
-    with pytest.raises(ValueError, match=r"not on this CPU, which has no AMX \(no amx_bf16 in its flags\); "
+    monkeypatch.setattr(precision, "amx_missing", lambda: ["amx_tile", "amx_bf16"])
+    with pytest.raises(ValueError, match=r"not on this CPU, whose flags lack amx_tile, amx_bf16; "
                                          "use 'float32' or 'q4_0'"):
         resolve_precision("amx_bf16", "cpu")
 
 
-@needs_amx
-@pytest.mark.parametrize("k, n", [(384, 48), (64, 64)])
-def test_kernel_equals_the_products_of_bfloat16_roundings(k, n):
-    """Rows 1, 17, 33 and 70 cover one tile of rows, a partial second tile, a partial
-    block of 32 and several blocks; 48 outputs a padded column block; 64 inputs and 384
-    several tiles along K. Against float64 products of the same bfloat16 values."""
-    from max.driver import CPU, Buffer
+def _kernel_model(k: int, n: int, target: str | None = None):
+    """The kernel alone in a graph, (rows, k) x its tiles of an (n, k) matrix, compiled
+    for the AMX target or, given `target`, for that CPU."""
+    from max import driver
+    from max.driver import CPU
     from max.dtype import DType
     from max.engine import InferenceSession
     from max.graph import DeviceRef, Graph, TensorType, ops
@@ -56,7 +55,41 @@ def test_kernel_equals_the_products_of_bfloat16_roundings(k, n):
                custom_extensions=[AMX_KERNELS]) as g:
         x, tiles = (v.tensor for v in g.inputs)
         g.output(ops.custom(AMX_OP, cpu, [x, tiles], [TensorType(DType.float32, [x.shape[0], shape[0] * 16], cpu)])[0])
-    model = InferenceSession(devices=[CPU()]).load(g)
+    if target is None:
+        with precision.amx_compile_target():
+            return InferenceSession(devices=[CPU()]).load(g)
+    driver.set_virtual_cpu_target(target)
+    try:
+        return InferenceSession(devices=[CPU()]).load(g)
+    finally:
+        driver.set_virtual_cpu_target("")
+
+
+def test_a_kernel_compiled_without_amx_raises_instead():
+    """Compiled for a CPU without AMX (as MAX does where a virtual machine reports such a
+    model), the kernel has no tile instructions and says why it cannot run."""
+    from max import driver
+    from max.driver import Buffer
+
+    model = _kernel_model(64, 32, target="x86-64-v3")
+    assert driver.get_virtual_cpu_target() == ""
+    with pytest.raises(Exception, match="maxwhisper_amx_matmul was compiled for a CPU target without AMX"):
+        model.execute(Buffer.from_numpy(np.ones((2, 64), np.float32)),
+                      Buffer.from_numpy(amx_tiles(np.ones((32, 64), np.float32))))
+
+
+@needs_amx
+@pytest.mark.parametrize("k, n", [(384, 48), (64, 64)])
+def test_kernel_equals_the_products_of_bfloat16_roundings(k, n):
+    """Rows 1, 17, 33 and 70 cover one tile of rows, a partial second tile, a partial
+    block of 32 and several blocks; 48 outputs a padded column block; 64 inputs and 384
+    several tiles along K. Against float64 products of the same bfloat16 values."""
+    from max import driver
+    from max.driver import Buffer
+
+    shape = amx_shape(n, k)
+    model = _kernel_model(k, n)
+    assert driver.get_virtual_cpu_target() == ""  # the AMX target ends with the load
     rng = np.random.default_rng(1)
     w = rng.standard_normal((n, k)).astype(np.float32)
     for rows in (1, 17, 33, 70):
