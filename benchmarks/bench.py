@@ -95,7 +95,8 @@ def _attempt(system: str, fn) -> Row:
         return Row(system, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
 
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_0", "amx_bf16": "amx_bf16"}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_0", "amx_bf16": "amx_bf16",
+          "amx_q4_0": "amx_q4_0"}
 
 
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,

@@ -74,8 +74,8 @@ class GraphOptions:
 class Weights:
     """Declares a graph's weights on first use, with the manifest's (the checkpoint's)
     shape, in the precision's dtype; under q4_0 the quantized matrices are bound as
-    Q4_0 blocks under `name + ".q4_0"`, under amx_bf16 every matrix as AMX tiles under
-    `name + ".amx"`; `matmul` uses them. Names are relative to
+    Q4_0 blocks under `name + ".q4_0"`, the tiled ones (amx_bf16, amx_q4_0) as AMX
+    tiles under `name + ".amx"`; `matmul` uses them. Names are relative to
     `prefix` (a layer's, "decoder.blocks.3."). With `placeholder` (a block's subgraph)
     they are declared relative too, and each `ops.call` of the subgraph resolves them
     with its own layer's prefix."""
@@ -85,7 +85,7 @@ class Weights:
         self.graph, self.spec, self.options, self.prefix = graph, spec, options, prefix
         self.manifest, self.placeholder = manifest(spec), placeholder
         self.quantized = frozenset(quantized_matrices(spec)) if options.precision.quantized else frozenset()
-        self.tiled = frozenset(tiled_matrices(spec)) if options.precision.tiled else frozenset()
+        self.tiled = frozenset(tiled_matrices(spec, options.precision))
         self.declared: dict[str, TensorValue] = {} if declared is None else declared
 
     def at(self, prefix: str) -> Weights:

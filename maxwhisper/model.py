@@ -40,7 +40,8 @@ class Whisper:
     @property
     def precision(self) -> str:
         """'float32', 'float16', 'bfloat16', 'q4_0' (the decoder's matrices in 4-bit
-        blocks, the rest float32) or 'amx_bf16' (matrix products on AMX in bfloat16)."""
+        blocks, the rest float32), 'amx_bf16' (matrix products on AMX in bfloat16) or
+        'amx_q4_0' (q4_0's decoder, amx_bf16's encoder)."""
         return self.runtime.precision.name
 
     @property
@@ -94,7 +95,8 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", s
     `precision`: 'float32', 'float16', 'bfloat16', 'q4_0' (CPU: the decoder's matrices in
     4-bit blocks, faster per token, words may differ in places; docs/transcription.md),
     'amx_bf16' (CPUs with Intel AMX: every matrix product in bfloat16 on AMX tiles,
-    activations float32), or None for the device's default (bfloat16 on a GPU, float32
+    activations float32), 'amx_q4_0' (q4_0's decoder with amx_bf16's encoder), or None
+    for the device's default (bfloat16 on a GPU, float32
     on the CPU).
     `attention`: 'unfused', or 'fused' for MAX's flash-attention kernel (GPU only).
     `greedy_on_device`: greedy decoding as one device loop; default on a GPU only.

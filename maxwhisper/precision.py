@@ -1,8 +1,9 @@
 """Precision: how a model's weights are stored and its activations computed.
 
-One `Precision` value names it ("float32", "float16", "bfloat16", "q4_0", "amx_bf16"),
-gives the activations' MAX `DType` and says how the matrices are bound: the decoder's
-as 4-bit blocks (q4_0), or every matrix as bfloat16 tiles for Intel AMX (amx_bf16). This
+One `Precision` value names it ("float32", "float16", "bfloat16", "q4_0", "amx_bf16",
+"amx_q4_0"), gives the activations' MAX `DType` and says how the matrices are bound:
+the decoder's as 4-bit blocks (q4_0), every matrix as bfloat16 tiles for Intel AMX
+(amx_bf16), or the decoder's as 4-bit blocks and the rest as AMX tiles (amx_q4_0). This
 module owns everything that follows from it: which tensors are quantized or tiled,
 bfloat16 rounding, Q4_0 and AMX packing and the arrays bound to the graphs' weights.
 """
@@ -28,7 +29,7 @@ class Precision:
     name: str
     dtype: DType          # activations and every float weight
     quantized: bool       # the decoder's matrices as Q4_0 blocks (CPU only)
-    tiled: bool = False   # every matrix as bfloat16 AMX tiles (CPUs with AMX only)
+    tiled: bool = False   # every other matrix as bfloat16 AMX tiles (CPUs with AMX only)
 
 
 FLOAT32 = Precision("float32", DType.float32, False)
@@ -40,6 +41,9 @@ PRECISIONS = {p.name: p for p in (
     Precision("q4_0", DType.float32, True),
     # Every matrix product in bfloat16 on AMX, accumulated and everything else float32.
     Precision("amx_bf16", DType.float32, False, tiled=True),
+    # q4_0's decoder, whose steps are bound by memory traffic, and amx_bf16's encoder,
+    # bound by arithmetic.
+    Precision("amx_q4_0", DType.float32, True, tiled=True),
 )}
 
 # Q4_0 (GGML's layout): blocks of 32 weights along a row, each an fp16 scale and 32
@@ -71,12 +75,12 @@ def resolve_precision(precision: str | Precision | None, device_name: str) -> Pr
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto', {', '.join(map(repr, PRECISIONS))}, found {precision!r}")
     if PRECISIONS[precision].quantized and device_name != "cpu":
-        raise ValueError("precision 'q4_0' runs on the CPU only (MAX's Q4_0 matmul is a CPU kernel); "
+        raise ValueError(f"precision {precision!r} runs on the CPU only (MAX's Q4_0 matmul is a CPU kernel); "
                          "use 'bfloat16' or 'float16' on a GPU")
     missing = amx_missing() if PRECISIONS[precision].tiled and device_name == "cpu" else []
     if PRECISIONS[precision].tiled and (device_name != "cpu" or missing):
         where = "a GPU" if device_name != "cpu" else f"this CPU, whose flags lack {', '.join(missing)}"
-        raise ValueError(f"precision 'amx_bf16' runs on CPUs with Intel AMX only, not on {where}; "
+        raise ValueError(f"precision {precision!r} runs on CPUs with Intel AMX only, not on {where}; "
                          "use 'float32' or 'q4_0' on the CPU, 'bfloat16' on a GPU")
     return PRECISIONS[precision]
 
@@ -108,17 +112,19 @@ def quantized_matrices(spec: ModelSpec) -> list[str]:
             and ".cross_attn.key." not in name and ".cross_attn.value." not in name]
 
 
-def tiled_matrices(spec: ModelSpec) -> list[str]:
-    """The matrices amx_bf16 binds as AMX tiles: every matrix of both stacks. The conv
-    stem's kernels (3-D) stay float32."""
-    return [name for name, info in manifest(spec).items() if is_matrix(name, info.shape)]
+def tiled_matrices(spec: ModelSpec, precision: Precision) -> list[str]:
+    """The matrices bound as AMX tiles: under amx_bf16 every matrix of both stacks, under
+    amx_q4_0 those it does not quantize. The conv stem's kernels (3-D) stay float32."""
+    if not precision.tiled:
+        return []
+    skip = set(quantized_matrices(spec)) if precision.quantized else set()
+    return [name for name, info in manifest(spec).items() if is_matrix(name, info.shape) and name not in skip]
 
 
 def float_weights(spec: ModelSpec, precision: Precision) -> list[str]:
-    """The names bound in the float dtype: all, or under q4_0 or amx_bf16 all but the
-    quantized or tiled matrices, save the token embedding, which the embedding lookup
+    """The names bound in the float dtype: all but the quantized and tiled matrices, save the token embedding, which the embedding lookup
     still gathers from."""
-    packed = quantized_matrices(spec) if precision.quantized else tiled_matrices(spec) if precision.tiled else []
+    packed = (quantized_matrices(spec) if precision.quantized else []) + tiled_matrices(spec, precision)
     skip = set(packed) - {"decoder.token_embedding.weight"}
     return [name for name in manifest(spec) if name not in skip]
 
@@ -179,6 +185,5 @@ def bound_weights(spec: ModelSpec, weights: dict[str, np.ndarray], precision: Pr
     registry = {k: weight_array(weights[k], precision.dtype) for k in float_weights(spec, precision)}
     if precision.quantized:
         registry.update({k + Q4_0_SUFFIX: q4_0_blocks(k, weights[k]) for k in quantized_matrices(spec)})
-    if precision.tiled:
-        registry.update({k + AMX_SUFFIX: amx_tiles(weights[k]) for k in tiled_matrices(spec)})
+    registry.update({k + AMX_SUFFIX: amx_tiles(weights[k]) for k in tiled_matrices(spec, precision)})
     return registry

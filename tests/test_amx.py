@@ -8,6 +8,7 @@ import pytest
 from helpers import PRECISION_ROWS, clips_wer, prompt_logits, real_model
 from maxwhisper import precision
 from maxwhisper.cpuinfo import has_amx
+from maxwhisper.manifest import manifest
 from maxwhisper.precision import AMX_KERNELS, AMX_OP, amx_shape, amx_tiles, bfloat16_bits, resolve_precision
 
 needs_amx = pytest.mark.skipif(not has_amx(), reason="this CPU lacks flags of the AMX target "
@@ -123,3 +124,40 @@ def test_wer_within_half_a_point_of_float32(amx, tiny_en):
                            f"{rates['amx_bf16']:.1%} ({rates['float32']:.1%})"))
     assert rates["amx_bf16"] <= rates["float32"] + 0.005, rates
 
+
+
+def test_amx_q4_0_quantizes_q4_0s_matrices_and_tiles_the_rest(tiny_en):
+    spec = tiny_en.spec
+    both = resolve_precision("amx_q4_0", "cpu") if has_amx() else precision.PRECISIONS["amx_q4_0"]
+    quantized, tiled = set(precision.quantized_matrices(spec)), set(precision.tiled_matrices(spec, both))
+    every = {n for n, info in manifest(spec).items() if precision.is_matrix(n, info.shape)}
+    assert quantized | tiled == every and not quantized & tiled
+    assert all(n.startswith("encoder.") or ".cross_attn.key." in n or ".cross_attn.value." in n for n in tiled)
+    # The tied embedding: 4-bit for the logits, float32 for the lookup.
+    assert "decoder.token_embedding.weight" in precision.float_weights(spec, both)
+    assert set(precision.tiled_matrices(spec, precision.PRECISIONS["amx_bf16"])) == every
+    assert not precision.tiled_matrices(spec, precision.PRECISIONS["q4_0"])
+
+
+@pytest.fixture(scope="module")
+def amx_q4(model_cache):
+    return real_model("tiny.en", "amx_q4_0")
+
+
+@needs_amx
+def test_amx_q4_0_logits_are_q4_0s_up_to_the_encoders_bfloat16(amx_q4):
+    q4 = real_model("tiny.en", "q4_0")
+    want, got = prompt_logits(q4), prompt_logits(amx_q4)
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    PRECISION_ROWS.append(("amx_q4_0", "prompt logits, rel. error vs q4_0", f"{err:.1e}"))
+    # Measured 1.7e-2: the encoder's bfloat16 products, through the decoder's 8-bit
+    # activations (MAX's Q4_0 matmul). A misplaced tile puts it near 1.
+    assert err < 0.05, err
+
+
+@needs_amx
+def test_amx_q4_0_wer_within_half_a_point_of_float32(amx_q4, tiny_en):
+    rates = {"amx_q4_0": clips_wer(amx_q4), "float32": clips_wer(tiny_en)}
+    PRECISION_ROWS.append(("amx_q4_0", "WER on tests/data/speech (float32's)",
+                           f"{rates['amx_q4_0']:.1%} ({rates['float32']:.1%})"))
+    assert rates["amx_q4_0"] <= rates["float32"] + 0.005, rates
