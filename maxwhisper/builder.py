@@ -30,8 +30,8 @@ from max.graph import DeviceRef, Graph, Module, StaticDim, TensorType, TensorVal
 from max.graph.quantization import QuantizationEncoding
 
 from .manifest import manifest
-from .precision import (AMX_KERNELS, AMX_OP, AMX_SUFFIX, FLOAT32, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SUFFIX, Precision,
-                        amx_shape, q4_0_rows, quantized_matrices, tiled_matrices)
+from .precision import (AMX_ATTENTION_OP, AMX_KERNELS, AMX_OP, AMX_SUFFIX, FLOAT32, Q4_0_BLOCK, Q4_0_BYTES,
+                        Q4_0_SUFFIX, Precision, amx_shape, q4_0_rows, quantized_matrices, tiled_matrices)
 from .spec import SUBLAYER_PREFIX, ModelSpec
 
 # How attention is computed. "unfused": softmax(QK^T)V as matmuls and a softmax, on any
@@ -193,6 +193,11 @@ def _attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_hea
     if w.options.attention == "fused":
         return _flash_attention(q, k, v, n_head, mask)
     b, t, d = q.shape
+    # The AMX kernel packs a head's keys and values once per call, which pays where many
+    # queries read them: the encoder's 1500, not a decoder step's few.
+    if w.options.precision.tiled and mask is None and isinstance(t, StaticDim) and int(t) >= 32:
+        return ops.custom(AMX_ATTENTION_OP, q.device, [q, k, v], [TensorType(DType.float32, [b, t, d], q.device)],
+                          parameters={"n_head": n_head})[0].tensor
     scores = _scores(q, k, n_head)
     if mask is not None:
         scores = scores + mask

@@ -56,6 +56,7 @@ Q4_0_SUFFIX = ".q4_0"
 AMX_SUFFIX = ".amx"
 AMX_KERNELS = Path(__file__).resolve().parent / "kernels"
 AMX_OP = "maxwhisper_amx_matmul"
+AMX_ATTENTION_OP = "maxwhisper_amx_attention"  # the encoder's attention (kernels/attention.mojo)
 # MAX compiles CPU code for the CPU model that CPUID reports, with that model's features
 # only. A virtual machine may report another model than its CPU's (seen: model 167, a
 # desktop part without AMX, on a Xeon with AMX), and the tile instructions then do not

@@ -8,17 +8,12 @@
 # column block streams through memory in order.
 
 from extensibility import register, InputTensor, OutputTensor
-from std.ffi import external_call
 from std.memory import alloc
 from std.sys import llvm_intrinsic, num_physical_cores
 from std.sys.info import CompilationTarget
 from max.algorithm import sync_parallelize
 
-# Linux: a process asks once for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM,
-# XFEATURE_XTILEDATA); until then a tile instruction faults.
-comptime SYS_ARCH_PRCTL = 158
-comptime ARCH_REQ_XCOMP_PERM = 0x1023
-comptime XFEATURE_XTILEDATA = 18
+from .tiles import configure_tiles, request_tile_state
 
 
 @register("maxwhisper_amx_matmul")
@@ -42,23 +37,14 @@ def _matmul(output: OutputTensor, x: InputTensor, w: InputTensor) raises:
     var xp = x.unsafe_ptr().bitcast[Float32]()
     var wp = w.unsafe_ptr().bitcast[BFloat16]()
     var yp = output.unsafe_ptr().bitcast[Float32]()
-    if external_call["syscall", Int](SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0:
-        raise Error("the kernel refused this process the AMX tile state (arch_prctl)")
+    request_tile_state()
     var pairs = n // 32
     var tasks = max(1, min(num_physical_cores(), pairs))
 
     def work(task: Int) {imm}:
         var first = task * pairs // tasks
         var last = (task + 1) * pairs // tasks
-        # Palette 1: eight tiles of 16 rows x 64 bytes.
-        var cfg = alloc[UInt8](64)
-        for i in range(64):
-            cfg[i] = 0
-        cfg[0] = 1
-        for t in range(8):
-            cfg[16 + 2 * t] = 64
-            cfg[48 + t] = 16
-        llvm_intrinsic["llvm.x86.ldtilecfg", NoneType](cfg)
+        configure_tiles()
         var a = alloc[BFloat16](32 * kp)
         var spill = alloc[Float32](16 * 16)
         var row = 0
@@ -126,6 +112,5 @@ def _matmul(output: OutputTensor, x: InputTensor, w: InputTensor) raises:
         llvm_intrinsic["llvm.x86.tilerelease", NoneType]()
         a.free()
         spill.free()
-        cfg.free()
 
     sync_parallelize(work, tasks)
