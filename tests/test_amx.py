@@ -31,13 +31,16 @@ def test_tiles_hold_each_weight_where_the_kernel_reads_it():
         assert _as_float(tiles[b, s, r, c : c + 1])[0] == want[16 * b + c // 2, 32 * s + 2 * r + c % 2]
 
 
-def test_amx_bf16_refused_without_amx(monkeypatch):
+def test_amx_precisions_refused_without_amx(monkeypatch):
     with pytest.raises(ValueError, match="precision 'amx_bf16' runs on CPUs with Intel AMX only, not on a GPU"):
         resolve_precision("amx_bf16", "gpu")
+    with pytest.raises(ValueError, match="precision 'amx_q4_0' runs on the CPU only"):
+        resolve_precision("amx_q4_0", "gpu")
     monkeypatch.setattr(precision, "amx_missing", lambda: ["amx_tile", "amx_bf16"])
-    with pytest.raises(ValueError, match=r"not on this CPU, whose flags lack amx_tile, amx_bf16; "
-                                         "use 'float32' or 'q4_0'"):
-        resolve_precision("amx_bf16", "cpu")
+    for name in ("amx_bf16", "amx_q4_0"):
+        with pytest.raises(ValueError, match=rf"precision '{name}' runs on CPUs with Intel AMX only, not on this "
+                                             r"CPU, whose flags lack amx_tile, amx_bf16; use 'float32' or 'q4_0'"):
+            resolve_precision(name, "cpu")
 
 
 def _kernel_model(k: int, n: int, target: str | None = None):
@@ -136,33 +139,9 @@ def test_attention_kernel_equals_softmax_attention_on_bfloat16_roundings(batch, 
     assert err < 5e-3, err
 
 
-@pytest.fixture(scope="module")
-def amx(model_cache):
-    return real_model("tiny.en", "amx_bf16")
-
-
-@needs_amx
-def test_logits_close_to_float32(amx, tiny_en):
-    want, got = prompt_logits(tiny_en), prompt_logits(amx)
-    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    PRECISION_ROWS.append(("amx_bf16", "prompt logits, rel. error vs float32", f"{err:.1e}"))
-    # Measured 9.5e-3 on clip 01: bfloat16 keeps 8 bits of mantissa. A misplaced tile or a
-    # wrong pair order puts it at the logits' own scale (about 1).
-    assert err < 0.05, err
-
-
-@needs_amx
-def test_wer_within_half_a_point_of_float32(amx, tiny_en):
-    rates = {"amx_bf16": clips_wer(amx), "float32": clips_wer(tiny_en)}
-    PRECISION_ROWS.append(("amx_bf16", "WER on tests/data/speech (float32's)",
-                           f"{rates['amx_bf16']:.1%} ({rates['float32']:.1%})"))
-    assert rates["amx_bf16"] <= rates["float32"] + 0.005, rates
-
-
-
 def test_amx_q4_0_quantizes_q4_0s_matrices_and_tiles_the_rest(tiny_en):
     spec = tiny_en.spec
-    both = resolve_precision("amx_q4_0", "cpu") if has_amx() else precision.PRECISIONS["amx_q4_0"]
+    both = precision.PRECISIONS["amx_q4_0"]
     quantized, tiled = set(precision.quantized_matrices(spec)), set(precision.tiled_matrices(spec, both))
     every = {n for n, info in manifest(spec).items() if precision.is_matrix(n, info.shape)}
     assert quantized | tiled == every and not quantized & tiled
@@ -173,25 +152,25 @@ def test_amx_q4_0_quantizes_q4_0s_matrices_and_tiles_the_rest(tiny_en):
     assert not precision.tiled_matrices(spec, precision.PRECISIONS["q4_0"])
 
 
-@pytest.fixture(scope="module")
-def amx_q4(model_cache):
-    return real_model("tiny.en", "amx_q4_0")
-
-
 @needs_amx
-def test_amx_q4_0_logits_are_q4_0s_up_to_the_encoders_bfloat16(amx_q4):
-    q4 = real_model("tiny.en", "q4_0")
-    want, got = prompt_logits(q4), prompt_logits(amx_q4)
+@pytest.mark.parametrize("name, against", [("amx_bf16", "float32"), ("amx_q4_0", "q4_0")])
+def test_logits_close_to_the_same_model_without_amx(name, against, model_cache, tiny_en):
+    """amx_bf16 against float32, amx_q4_0 against q4_0 (the same 4-bit decoder).
+    Measured on clip 01: 9.5e-3 and 1.5e-2 (bfloat16 keeps 8 bits of mantissa; under
+    amx_q4_0 the decoder rounds its activations to 8 bits too, inside MAX's Q4_0
+    matmul). A misplaced tile or a wrong pair order puts it at the logits' own scale
+    (about 1)."""
+    ref = tiny_en if against == "float32" else real_model("tiny.en", against)
+    want, got = prompt_logits(ref), prompt_logits(real_model("tiny.en", name))
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    PRECISION_ROWS.append(("amx_q4_0", "prompt logits, rel. error vs q4_0", f"{err:.1e}"))
-    # Measured 1.5e-2: the encoder's bfloat16 products, through the decoder's 8-bit
-    # activations (MAX's Q4_0 matmul). A misplaced tile puts it near 1.
+    PRECISION_ROWS.append((name, f"prompt logits, rel. error vs {against}", f"{err:.1e}"))
     assert err < 0.05, err
 
 
 @needs_amx
-def test_amx_q4_0_wer_within_half_a_point_of_float32(amx_q4, tiny_en):
-    rates = {"amx_q4_0": clips_wer(amx_q4), "float32": clips_wer(tiny_en)}
-    PRECISION_ROWS.append(("amx_q4_0", "WER on tests/data/speech (float32's)",
-                           f"{rates['amx_q4_0']:.1%} ({rates['float32']:.1%})"))
-    assert rates["amx_q4_0"] <= rates["float32"] + 0.005, rates
+@pytest.mark.parametrize("name", ["amx_bf16", "amx_q4_0"])
+def test_wer_within_half_a_point_of_float32(name, model_cache, tiny_en):
+    rates = {name: clips_wer(real_model("tiny.en", name)), "float32": clips_wer(tiny_en)}
+    PRECISION_ROWS.append((name, "WER on tests/data/speech (float32's)",
+                           f"{rates[name]:.1%} ({rates['float32']:.1%})"))
+    assert rates[name] <= rates["float32"] + 0.005, rates
