@@ -10,13 +10,27 @@
 # block, 4-5 two 16-row slices of the left operand, 6-7 two 16-column tiles of the right.
 
 from extensibility import register, InputTensor, OutputTensor
-from std.math import exp, sqrt
-from std.memory import alloc, UnsafePointer
+from std.math import floor, sqrt
+from std.memory import alloc, bitcast
 from std.sys import llvm_intrinsic, num_physical_cores
 from std.sys.info import CompilationTarget
 from max.algorithm import sync_parallelize
 
 from .tiles import configure_tiles, request_tile_state
+
+comptime LOG2E = 1.4426950408889634
+
+
+@always_inline
+def _exp2[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    """2**x for x <= 0, to 6e-6 relative: a quartic on the fraction, the integer part
+    added to the exponent bits. The probabilities are rounded to bfloat16 (4e-3) after,
+    and this is a fraction of the library exp's work."""
+    var y = max(x, -126.0)
+    var whole = floor(y)
+    var f = y - whole
+    var p = 1.0 + f * (0.69304348 + f * (0.24124981 + f * (0.05235283 + f * 0.01334154)))
+    return bitcast[DType.float32, n](bitcast[DType.int32, n](p) + (whole.cast[DType.int32]() << 23))
 
 
 @register("maxwhisper_amx_attention")
@@ -44,7 +58,7 @@ def _attention[n_head: Int](output: OutputTensor, q: InputTensor, k: InputTensor
     var vp = v.unsafe_ptr().bitcast[Float32]()
     var op = output.unsafe_ptr().bitcast[Float32]()
     request_tile_state()
-    var scale = 1.0 / sqrt(Float32(w))
+    var scale = LOG2E / sqrt(Float32(w))  # exp(a) = 2**(a log2 e)
     var pairs = batch * n_head
     var tasks = max(1, min(num_physical_cores(), pairs))
 
@@ -59,6 +73,9 @@ def _attention[n_head: Int](output: OutputTensor, q: InputTensor, k: InputTensor
         var qa = alloc[BFloat16](32 * w)
         var spill = alloc[Float32](16 * 16)
         var inv = alloc[Float32](32)
+        var row16 = alloc[BFloat16](w)
+        var row32 = row16.bitcast[UInt32]()
+        var kt32 = kt.bitcast[UInt32]()
         var steps = w // 32     # tiles along W for the scores
         var blocks = sp // 32   # tiles along S for the values
         for pair in range(first, last):
@@ -66,28 +83,27 @@ def _attention[n_head: Int](output: OutputTensor, q: InputTensor, k: InputTensor
             var h = pair % n_head
             var kb = kp + b * s * d + h * w
             var vb = vp + b * s * d + h * w
-            # Keys as the scores' right operand: key n, width pair i at
-            # [(n / 16) * steps + i / 16][i % 16][2 * (n % 16) + 0..1].
+            # Keys as the scores' right operand: key n's width pair i (two bfloat16, one
+            # 32-bit word) at word [(n / 16) * steps + i / 16][i % 16][n % 16].
             for n in range(sp):
-                var at = kt + (n // 16) * steps * 512 + 2 * (n % 16)
-                for c in range(0, w, 2):
-                    var dst = at + (c // 32) * 512 + ((c % 32) // 2) * 32
-                    if n < s:
-                        dst[0] = kb[n * d + c].cast[DType.bfloat16]()
-                        dst[1] = kb[n * d + c + 1].cast[DType.bfloat16]()
-                    else:
-                        dst[0] = BFloat16(0)
-                        dst[1] = BFloat16(0)
-            # Values as the product's right operand: key n, column c at
-            # [(c / 16) * blocks + n / 32][(n % 32) / 2][2 * (c % 16) + n % 2].
-            for n in range(sp):
-                var at = vt + (n // 32) * 512 + ((n % 32) // 2) * 32 + n % 2
-                for c in range(w):
-                    var dst = at + (c // 16) * blocks * 512 + 2 * (c % 16)
-                    if n < s:
-                        dst[0] = vb[n * d + c].cast[DType.bfloat16]()
-                    else:
-                        dst[0] = BFloat16(0)
+                var at = kt32 + (n // 16) * steps * 256 + n % 16
+                if n < s:
+                    for c in range(0, w, 16):
+                        (row16 + c).store((kb + n * d + c).load[width=16]().cast[DType.bfloat16]())
+                    for i in range(w // 2):
+                        at[(i // 16) * 256 + (i % 16) * 16] = row32[i]
+                else:
+                    for i in range(w // 2):
+                        at[(i // 16) * 256 + (i % 16) * 16] = 0
+            # Values as the product's right operand: keys n and n + 1 of column c side by
+            # side at [(c / 16) * blocks + n / 32][(n % 32) / 2][2 * (c % 16) + 0..1].
+            var zero = SIMD[DType.float32, 16](0)
+            for n in range(0, sp, 2):
+                var at = vt + (n // 32) * 512 + ((n % 32) // 2) * 32
+                for c in range(0, w, 16):
+                    var even = (vb + n * d + c).load[width=16]() if n < s else zero
+                    var odd = (vb + (n + 1) * d + c).load[width=16]() if n + 1 < s else zero
+                    (at + (c // 16) * blocks * 512).store(even.interleave(odd).cast[DType.bfloat16]())
             var row = 0
             while row < t:
                 var rows = min(32, t - row)
@@ -142,13 +158,13 @@ def _attention[n_head: Int](output: OutputTensor, q: InputTensor, k: InputTensor
                     var acc = SIMD[DType.float32, 16](0)
                     c = 0
                     while c + 16 <= s:
-                        var e = exp(((src + c).load[width=16]() - m) * scale)
+                        var e = _exp2[16](((src + c).load[width=16]() - m) * scale)
                         acc += e
                         (dst + c).store(e.cast[DType.bfloat16]())
                         c += 16
                     var total = acc.reduce_add()
                     while c < s:
-                        var e = exp((src[c] - m) * scale)
+                        var e = _exp2[1](SIMD[DType.float32, 1](src[c] - m) * scale)
                         total += e
                         dst[c] = e.cast[DType.bfloat16]()
                         c += 1
@@ -198,5 +214,6 @@ def _attention[n_head: Int](output: OutputTensor, q: InputTensor, k: InputTensor
         qa.free()
         spill.free()
         inv.free()
+        row16.free()
 
     sync_parallelize(work, tasks)
