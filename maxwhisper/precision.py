@@ -60,7 +60,7 @@ AMX_ATTENTION_OP = "maxwhisper_amx_attention"  # the encoder's attention (kernel
 # MAX compiles CPU code for the CPU model that CPUID reports, with that model's features
 # only. A virtual machine may report another model than its CPU's (seen: model 167, a
 # desktop part without AMX, on a Xeon with AMX), and the tile instructions then do not
-# compile. amx_bf16's graphs are compiled for this CPU instead, whose features
+# compile. The AMX precisions' graphs are compiled for this CPU instead, whose features
 # `cpuinfo.AMX_TARGET_FLAGS` lists.
 AMX_TARGET = "sapphirerapids"
 
@@ -123,8 +123,8 @@ def tiled_matrices(spec: ModelSpec, precision: Precision) -> list[str]:
 
 
 def float_weights(spec: ModelSpec, precision: Precision) -> list[str]:
-    """The names bound in the float dtype: all but the quantized and tiled matrices, save the token embedding, which the embedding lookup
-    still gathers from."""
+    """The names bound in the float dtype: all but the quantized and tiled matrices,
+    save the token embedding, which the embedding lookup still gathers from."""
     packed = (quantized_matrices(spec) if precision.quantized else []) + tiled_matrices(spec, precision)
     skip = set(packed) - {"decoder.token_embedding.weight"}
     return [name for name in manifest(spec) if name not in skip]
