@@ -23,7 +23,7 @@ comptime LOG2E = 1.4426950408889634
 
 @always_inline
 def _exp2[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
-    """2**x for x <= 0, to 6e-6 relative: a quartic on the fraction, the integer part
+    """2**x for x <= 0, to 1e-5 relative: a quartic on the fraction, the integer part
     added to the exponent bits. The probabilities are rounded to bfloat16 (4e-3) after,
     and this is a fraction of the library exp's work."""
     var y = max(x, -126.0)
