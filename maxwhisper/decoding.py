@@ -9,8 +9,10 @@ leave the batch instead of riding along."""
 from __future__ import annotations
 
 import math
-
+import os
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +96,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 class LogProbs:
     """`log_softmax(logits)` row by row, formed only where it is read: a beam step reads
     a few entries of each row, not all 51864. `(logits - top) - norm` is log_softmax's
-    own float32 arithmetic, so every entry equals it bit for bit."""
+    own float32 arithmetic: from `of`, every entry equals it bit for bit; from
+    `with_text`, up to the order of the float64 sum."""
     logits: np.ndarray  # (B, V)
     top: np.ndarray     # (B, 1): each row's max
     norm: np.ndarray    # (B, 1): log of the sum of exp(logits - top), summed in float64
@@ -116,14 +119,55 @@ class LogProbs:
     def columns(self, cols: slice) -> np.ndarray:
         return (self.logits[:, cols] - self.top) - self.norm
 
-    def renormed(self, rows: np.ndarray) -> LogProbs:
-        """The same after `logits[rows]` changed."""
-        if not len(rows):
-            return self
-        again = LogProbs.of(self.logits[rows])
-        top, norm = self.top.copy(), self.norm.copy()
-        top[rows], norm[rows] = again.top, again.norm
-        return LogProbs(self.logits, top, norm)
+    @classmethod
+    def with_text(cls, logits: np.ndarray, n_text: int, text_top: np.ndarray, text_sum: np.ndarray,
+                  alive: np.ndarray) -> LogProbs:
+        """`of(logits)` where the first `n_text` entries of each row come summarized
+        (`_text_mass`), or are all -inf where `alive` is False. Only the rest of each
+        row (V - n_text entries) is read here."""
+        rest = logits[:, n_text:]
+        top = np.max(rest, axis=-1)
+        alive = alive & np.isfinite(text_top)
+        top = np.where(alive, np.maximum(top, text_top), top)
+        shifted = rest - top[:, None]
+        np.exp(shifted, out=shifted)
+        total = np.sum(shifted, axis=-1, dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            total += np.where(alive, text_sum * np.exp(text_top.astype(np.float64) - top), 0.0)
+        return cls(logits, top[:, None].astype(np.float32), np.log(total).astype(np.float32)[:, None])
+
+
+def _text_mass(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's maximum (B,) and sum of exp(entry - maximum) (B,), in float64 as
+    `LogProbs.of` sums; nan where a row is all -inf. The rows are split over the CPU's
+    cores: the exponentials are most of a beam step's host time, and the cores that ran
+    the decoder step sit idle meanwhile."""
+    parts = min(len(x) // _ROWS_PER_THREAD, os.cpu_count() or 1)
+    if parts < 2:
+        return _text_mass_rows(x)
+    done = list(_thread_pool().map(_text_mass_rows, np.array_split(x, parts)))
+    return np.concatenate([top for top, _ in done]), np.concatenate([total for _, total in done])
+
+
+def _text_mass_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    top = np.max(x, axis=-1)
+    with np.errstate(invalid="ignore"):
+        shifted = x - top[:, None]
+        np.exp(shifted, out=shifted)
+    return top, np.sum(shifted, axis=-1, dtype=np.float64)
+
+
+_ROWS_PER_THREAD = 8
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="maxwhisper-rules")
+        return _POOL
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -203,13 +247,19 @@ class LogitRules:
 
     def __call__(self, logits: np.ndarray, tokens: list[list[int]]) -> LogProbs:
         """logits (B, V) for the next token after `tokens` (each row the full sequence)
-        -> the filtered logits' log-probabilities."""
+        -> the filtered logits' log-probabilities. The rules suppress a row's text
+        tokens (those before <|endoftext|>) all or none, so their share of the row's
+        normalization is summed once, before the rules, and dropped where a rule
+        suppresses them; only the 1600-odd tokens after them are summed again."""
+        eot = self.tok.eot
         logits = logits + self.always
         if len(tokens[0]) == self.sample_begin:
             logits += self.begin
+        text_top, text_sum = _text_mass(logits[:, :eot])
+        alive = np.ones(len(logits), bool)
         if not self.timestamps:
-            return LogProbs.of(logits)
-        tok, tb = self.tok, self.tok.timestamp_begin
+            return LogProbs.with_text(logits, eot, text_top, text_sum, alive)
+        tb = self.tok.timestamp_begin
         for k, seq in enumerate(tokens):
             sampled = seq[self.sample_begin:]
             last_ts = len(sampled) >= 1 and sampled[-1] >= tb
@@ -218,20 +268,28 @@ class LogitRules:
                 if penultimate_ts:  # a timestamp pair closed a segment: text must follow
                     logits[k, tb:] = NEG_INF
                 else:  # an open timestamp: the next is a timestamp or the end
-                    logits[k, : tok.eot] = NEG_INF
+                    logits[k, :eot] = NEG_INF
+                    alive[k] = False
             stamps = [t for t in sampled if t >= tb]
             if stamps:
                 # Timestamps never go back, and a segment has non-zero length.
                 last = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
                 logits[k, tb:last] = NEG_INF
         # When the timestamps together outweigh every text token, emit a timestamp.
-        text_top = np.max(logits[:, :tb], axis=-1, keepdims=True)
-        probs = LogProbs.of(logits, np.maximum(text_top, np.max(logits[:, tb:], axis=-1, keepdims=True)))
+        probs = LogProbs.with_text(logits, eot, text_top, text_sum, alive)
+        alive &= np.isfinite(text_top)
+        below_tb = np.maximum(np.where(alive, text_top, NEG_INF), np.max(logits[:, eot:tb], axis=-1))
         ts_mass = _logsumexp(probs.columns(slice(tb, None)))
-        text_max = ((text_top - probs.top) - probs.norm)[:, 0]
+        text_max = (below_tb - probs.top[:, 0]) - probs.norm[:, 0]
         flip = np.flatnonzero(ts_mass > text_max)
+        if not len(flip):
+            return probs
         logits[flip, :tb] = NEG_INF
-        return probs.renormed(flip)
+        alive[flip] = False
+        again = LogProbs.with_text(logits[flip], eot, text_top[flip], text_sum[flip], alive[flip])
+        top, norm = probs.top.copy(), probs.norm.copy()
+        top[flip], norm[flip] = again.top, again.norm
+        return LogProbs(logits, top, norm)
 
 
 def detect_language(model: CompiledWhisper, tok: WhisperTokenizer, cross) -> tuple[list[str], list[dict[str, float]]]:
