@@ -8,9 +8,9 @@ leave the batch instead of riding along."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,16 +158,12 @@ def _text_mass_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 _ROWS_PER_THREAD = 8
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
 
 
+@functools.cache
 def _thread_pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="maxwhisper-rules")
-        return _POOL
+    # Threads start on first use only: a pool made twice in a race costs nothing.
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="maxwhisper-rules")
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
