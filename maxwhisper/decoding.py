@@ -103,13 +103,10 @@ class LogProbs:
     norm: np.ndarray    # (B, 1): log of the sum of exp(logits - top), summed in float64
 
     @classmethod
-    def of(cls, logits: np.ndarray, top: np.ndarray | None = None) -> LogProbs:
+    def of(cls, logits: np.ndarray) -> LogProbs:
         logits = np.asarray(logits, np.float32)
-        top = np.max(logits, axis=-1, keepdims=True) if top is None else top
-        shifted = logits - top
-        np.exp(shifted, out=shifted)
-        norm = np.log(np.sum(shifted, axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
-        return cls(logits, top, norm)
+        top, total = _exp_sums(logits)
+        return cls(logits, top[:, None], np.log(total).astype(np.float32)[:, None])
 
     def at(self, rows, cols) -> np.ndarray:
         """Entries at (rows, cols), broadcast as numpy indexes them."""
@@ -123,11 +120,10 @@ class LogProbs:
     def with_text(cls, logits: np.ndarray, n_text: int, text_top: np.ndarray, text_sum: np.ndarray,
                   alive: np.ndarray) -> LogProbs:
         """`of(logits)` where the first `n_text` entries of each row come summarized
-        (`_text_mass`), or are all -inf where `alive` is False. Only the rest of each
-        row (V - n_text entries) is read here."""
+        (`_text_mass`; finite `text_top` where `alive`), or are all -inf where `alive`
+        is False. Only the rest of each row (V - n_text entries) is read here."""
         rest = logits[:, n_text:]
         top = np.max(rest, axis=-1)
-        alive = alive & np.isfinite(text_top)
         top = np.where(alive, np.maximum(top, text_top), top)
         shifted = rest - top[:, None]
         np.exp(shifted, out=shifted)
@@ -137,19 +133,9 @@ class LogProbs:
         return cls(logits, top[:, None].astype(np.float32), np.log(total).astype(np.float32)[:, None])
 
 
-def _text_mass(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's maximum (B,) and sum of exp(entry - maximum) (B,), in float64 as
-    `LogProbs.of` sums; nan where a row is all -inf. The rows are split over the CPU's
-    cores: the exponentials are most of a beam step's host time, and the cores that ran
-    the decoder step sit idle meanwhile."""
-    parts = min(len(x) // _ROWS_PER_THREAD, os.cpu_count() or 1)
-    if parts < 2:
-        return _text_mass_rows(x)
-    done = list(_thread_pool().map(_text_mass_rows, np.array_split(x, parts)))
-    return np.concatenate([top for top, _ in done]), np.concatenate([total for _, total in done])
-
-
-def _text_mass_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _exp_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's maximum (B,) and sum of exp(entry - maximum) (B,), summed in float64;
+    nan where a row is all -inf."""
     top = np.max(x, axis=-1)
     with np.errstate(invalid="ignore"):
         shifted = x - top[:, None]
@@ -158,6 +144,17 @@ def _text_mass_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 _ROWS_PER_THREAD = 8
+
+
+def _text_mass(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_exp_sums` with the rows split over the CPU's cores: the exponentials are most
+    of a beam step's host time, and the cores that ran the decoder step sit idle
+    meanwhile."""
+    parts = min(len(x) // _ROWS_PER_THREAD, os.cpu_count() or 1)
+    if parts < 2:
+        return _exp_sums(x)
+    done = list(_thread_pool().map(_exp_sums, np.array_split(x, parts)))
+    return np.concatenate([top for top, _ in done]), np.concatenate([total for _, total in done])
 
 
 @functools.cache
@@ -252,7 +249,7 @@ class LogitRules:
         if len(tokens[0]) == self.sample_begin:
             logits += self.begin
         text_top, text_sum = _text_mass(logits[:, :eot])
-        alive = np.ones(len(logits), bool)
+        alive = np.isfinite(text_top)  # False: every text token is suppressed
         if not self.timestamps:
             return LogProbs.with_text(logits, eot, text_top, text_sum, alive)
         tb = self.tok.timestamp_begin
@@ -273,7 +270,6 @@ class LogitRules:
                 logits[k, tb:last] = NEG_INF
         # When the timestamps together outweigh every text token, emit a timestamp.
         probs = LogProbs.with_text(logits, eot, text_top, text_sum, alive)
-        alive &= np.isfinite(text_top)
         below_tb = np.maximum(np.where(alive, text_top, NEG_INF), np.max(logits[:, eot:tb], axis=-1))
         ts_mass = _logsumexp(probs.columns(slice(tb, None)))
         text_max = (below_tb - probs.top[:, 0]) - probs.norm[:, 0]

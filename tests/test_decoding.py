@@ -116,10 +116,11 @@ def _histories(tok, rng, n):
 @pytest.mark.parametrize("without_timestamps", [False, True])
 @pytest.mark.parametrize("seed", range(3))
 def test_logit_rules_equal_openai_filters(en_tokenizers, seed, without_timestamps):
-    """The rules' log-probabilities equal openai-whisper's SuppressBlank, SuppressTokens and
-    ApplyTimestampRules followed by log_softmax: the same entries -inf, the others within
-    float32 rounding of the float64 log_softmax. Rows cover every timestamp state, timestamps outweighing the
-    text (the rule that then suppresses all text) and the first sampled token."""
+    """The rules' log-probabilities equal openai-whisper's SuppressBlank, SuppressTokens
+    and ApplyTimestampRules followed by log_softmax: the same entries -inf, the others
+    within float32 rounding of the float64 log_softmax. Rows cover every timestamp
+    state, timestamps outweighing the text (the rule that then suppresses all text) and
+    the first sampled token."""
     ours, theirs = en_tokenizers
     rng = np.random.default_rng(seed)
     opts = DecodingOptions(without_timestamps=without_timestamps)
