@@ -95,8 +95,7 @@ def _attempt(system: str, fn) -> Row:
         return Row(system, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
 
 
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "q4_0": "q4_0", "amx_bf16": "amx_bf16",
-          "amx_q4_0": "amx_q4_0"}
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", batch: int = 1,
@@ -137,7 +136,7 @@ def run(model: str = "tiny.en", device: str = "cpu", workload: str = "forced", b
             load = time.perf_counter() - t
             loop = "device loop" if m.runtime.greedy_on_device else "host loop"
             fused = ", fused attention" if a == "fused" else ""
-            ours_all.append((f"maxwhisper ({m.device}, {_SHORT[m.precision]}, {loop}{fused})", m, load))
+            ours_all.append((f"maxwhisper ({m.device}, {_SHORT.get(m.precision, m.precision)}, {loop}{fused})", m, load))
     ours = ours_all[0][1]
     if drawn is not None:
         weights, spec, ct2_dir = drawn, ours.spec, None

@@ -12,7 +12,8 @@ The recording is the committed clips (tests/data/speech) in turn, with pauses of
 --beam-size beams, timestamps on (faster-whisper's batched pipeline decodes without
 them, as it does by default), language English. Precision classes: float32 against
 float32 (whisper.cpp: float16, its top precision on the CPU), and our --low-precision
-(q4_0, or amx_bf16 or amx_q4_0 on CPUs with Intel AMX) against faster-whisper's int8 and
+(q4_0, or amx_bf16 or amx_q4_0 on CPUs with Intel AMX, avx512_bf16 or avx512_q4_0 on
+CPUs with AVX-512 BF16) against faster-whisper's int8 and
 whisper.cpp's --whispercpp-type. Each system transcribes a 30 s
 clip first (warm-up), then the recording once; the load is not in the time.
 
@@ -105,7 +106,7 @@ def _whispercpp(model: str, ftype: str, beam: int, threads: int):
 
 def run(model: str, minutes: float, batch: int, beam: int, threads: int, whispercpp: str = "q4_0",
         low: str = "q4_0") -> dict:
-    """`low`: our precision in the low-precision class (q4_0, amx_bf16 or amx_q4_0)."""
+    """`low`: our precision in the low-precision class (q4_0, or an amx_ or avx512_ one)."""
     audio, text = recording(minutes)
     lows = f"{low} / int8"
     warm = audio[: 30 * RATE]
@@ -247,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="faster-whisper's and whisper.cpp's threads (default: all)")
     p.add_argument("--whispercpp-type", default="q4_0", choices=["q8_0", "q5_0", "q4_0"],
                    help="whisper.cpp's model type in the quantized class")
-    p.add_argument("--low-precision", default="q4_0", choices=["q4_0", "amx_bf16", "amx_q4_0"],
-                   help="our precision in the quantized class (amx_bf16, amx_q4_0: CPUs with Intel AMX)")
+    p.add_argument("--low-precision", default="q4_0",
+                   choices=["q4_0", "amx_bf16", "amx_q4_0", "avx512_bf16", "avx512_q4_0"],
+                   help="our precision in the quantized class (amx_bf16, amx_q4_0: CPUs with Intel AMX; "
+                        "avx512_bf16, avx512_q4_0: CPUs with AVX-512 BF16)")
     p.add_argument("--rss-hours", type=float, default=None,
                    help="instead: peak resident memory of this many hours with the VAD and batching")
     p.add_argument("--out", default=None, help="write the report as JSON here")

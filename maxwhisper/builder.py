@@ -30,8 +30,8 @@ from max.graph import DeviceRef, Graph, Module, StaticDim, TensorType, TensorVal
 from max.graph.quantization import QuantizationEncoding
 
 from .manifest import manifest
-from .precision import (AMX_ATTENTION_OP, AMX_KERNELS, AMX_OP, AMX_SUFFIX, FLOAT32, Q4_0_BLOCK, Q4_0_BYTES,
-                        Q4_0_SUFFIX, Precision, amx_shape, q4_0_rows, quantized_matrices, tiled_matrices)
+from .precision import (FLOAT32, KERNELS, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SUFFIX, TILES_SUFFIX, Precision, q4_0_rows,
+                        quantized_matrices, tile_shape, tiled_matrices)
 from .spec import SUBLAYER_PREFIX, ModelSpec
 
 # How attention is computed. "unfused": softmax(QK^T)V as matmuls and a softmax, on any
@@ -68,14 +68,14 @@ class GraphOptions:
     @property
     def kernels(self) -> dict:
         """The Graph keywords that load the custom kernels this precision calls."""
-        return {"custom_extensions": [AMX_KERNELS]} if self.precision.tiled else {}
+        return {"custom_extensions": [KERNELS]} if self.precision.tiled else {}
 
 
 class Weights:
     """Declares a graph's weights on first use, with the manifest's (the checkpoint's)
     shape, in the precision's dtype; under q4_0 the quantized matrices are bound as
-    Q4_0 blocks under `name + ".q4_0"`, the tiled ones (amx_bf16, amx_q4_0) as AMX
-    tiles under `name + ".amx"`; `matmul` uses them. Names are relative to
+    Q4_0 blocks under `name + ".q4_0"`, the tiled ones (the amx_ and avx512_ precisions)
+    as bfloat16 tiles under `name + ".tiles"`; `matmul` uses them. Names are relative to
     `prefix` (a layer's, "decoder.blocks.3."). With `placeholder` (a block's subgraph)
     they are declared relative too, and each `ops.call` of the subgraph resolves them
     with its own layer's prefix."""
@@ -106,7 +106,7 @@ class Weights:
     def matmul(self, x: TensorValue, name: str) -> TensorValue:
         """x (..., in) @ the matrix `name`.T -> (..., out)."""
         if self.prefix + name in self.tiled:
-            return self._amx_matmul(x, name)
+            return self._tiled_matmul(x, name)
         if self.prefix + name not in self.quantized:
             return _matmul(x, self(name), self.options.single_row)
         n_out, n_in = self.manifest[self.prefix + name].shape
@@ -116,14 +116,14 @@ class Weights:
         y = ops.qmatmul(QuantizationEncoding.Q4_0, None, x.reshape([-1, n_in]), blocks)
         return (y if q4_0_rows(n_out) == n_out else y[:, :n_out]).reshape([*lead, n_out])
 
-    def _amx_matmul(self, x: TensorValue, name: str) -> TensorValue:
+    def _tiled_matmul(self, x: TensorValue, name: str) -> TensorValue:
         n_out, n_in = self.manifest[self.prefix + name].shape
-        shape = amx_shape(n_out, n_in)
-        tiles = self._declare(name + AMX_SUFFIX, DType.uint16, shape)
+        shape = tile_shape(n_out, n_in)
+        tiles = self._declare(name + TILES_SUFFIX, DType.uint16, shape)
         *lead, _ = x.shape
         x = x.reshape([-1, n_in])
         width = shape[0] * 16
-        y = ops.custom(AMX_OP, x.device, [x, tiles], [TensorType(DType.float32, [x.shape[0], width], x.device)])[0].tensor
+        y = ops.custom(self.options.precision.tiles.matmul, x.device, [x, tiles], [TensorType(DType.float32, [x.shape[0], width], x.device)])[0].tensor
         return (y if width == n_out else y[:, :n_out]).reshape([*lead, n_out])
 
 
@@ -195,8 +195,9 @@ def _attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_hea
     b, t, d = q.shape
     # The AMX kernel packs a head's keys and values once per call, which pays where many
     # queries read them: the encoder's 1500, not a decoder step's few.
-    if w.options.precision.tiled and mask is None and isinstance(t, StaticDim) and int(t) >= 32:
-        return ops.custom(AMX_ATTENTION_OP, q.device, [q, k, v], [TensorType(DType.float32, [b, t, d], q.device)],
+    tiles = w.options.precision.tiles
+    if tiles and tiles.attention and mask is None and isinstance(t, StaticDim) and int(t) >= 32:
+        return ops.custom(tiles.attention, q.device, [q, k, v], [TensorType(DType.float32, [b, t, d], q.device)],
                           parameters={"n_head": n_head})[0].tensor
     scores = _scores(q, k, n_head)
     if mask is not None:

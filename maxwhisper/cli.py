@@ -239,7 +239,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
                    help="precision of weights and activations (auto: bfloat16 on a GPU, float32 on the CPU; "
                         "q4_0: CPU only, the decoder's matrices in 4-bit blocks, faster, words may differ; "
                         "amx_bf16: CPUs with Intel AMX, every matrix product in bfloat16 on AMX; "
-                        "amx_q4_0: q4_0's decoder with amx_bf16's encoder)")
+                        "amx_q4_0: q4_0's decoder with amx_bf16's encoder; "
+                        "avx512_bf16, avx512_q4_0: the same two on CPUs with AVX-512 BF16, such as AMD Zen 4)")
     p.add_argument("--attention", default="unfused", choices=ATTENTION,
                    help="fused: MAX's flash-attention kernel (GPU only)")
 

@@ -21,19 +21,14 @@ def cpu_fields() -> dict[str, str]:
     return fields
 
 
-# What AMX kernels are compiled for (precision.AMX_TARGET, Sapphire Rapids, the first
+# What AMX kernels are compiled for (precision.AMX's target, Sapphire Rapids, the first
 # CPU with AMX): its vector features, which a CPU must show to run that code.
 AMX_TARGET_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl",
                     "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg",
                     "avx512_vpopcntdq", "avx512_bf16", "avx512_fp16", "avx_vnni", "gfni", "vaes", "vpclmulqdq")
 
 
-def amx_missing() -> list[str]:
-    """The flags of AMX_TARGET_FLAGS this CPU lacks (all of them off x86)."""
-    flags = set(cpu_fields().get("flags", "").split())
-    return [f for f in AMX_TARGET_FLAGS if f not in flags]
-
-
-def has_amx() -> bool:
-    """Whether this CPU runs code compiled for the AMX target (Intel AMX among it)."""
-    return not amx_missing()
+def missing_flags(flags: tuple[str, ...]) -> list[str]:
+    """The instruction-set flags of `flags` this CPU lacks (all of them off x86)."""
+    have = set(cpu_fields().get("flags", "").split())
+    return [f for f in flags if f not in have]

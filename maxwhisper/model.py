@@ -40,8 +40,9 @@ class Whisper:
     @property
     def precision(self) -> str:
         """'float32', 'float16', 'bfloat16', 'q4_0' (the decoder's matrices in 4-bit
-        blocks, the rest float32), 'amx_bf16' (matrix products on AMX in bfloat16) or
-        'amx_q4_0' (q4_0's decoder, amx_bf16's encoder)."""
+        blocks, the rest float32), 'amx_bf16' (matrix products on AMX in bfloat16),
+        'amx_q4_0' (q4_0's decoder, amx_bf16's encoder), or 'avx512_bf16' and
+        'avx512_q4_0' (the same with AVX-512 BF16 dot products)."""
         return self.runtime.precision.name
 
     @property
@@ -95,9 +96,10 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str = "auto", s
     `precision`: 'float32', 'float16', 'bfloat16', 'q4_0' (CPU: the decoder's matrices in
     4-bit blocks, faster per token, words may differ in places; docs/transcription.md),
     'amx_bf16' (CPUs with Intel AMX: every matrix product in bfloat16 on AMX tiles,
-    activations float32), 'amx_q4_0' (q4_0's decoder with amx_bf16's encoder), or None
-    for the device's default (bfloat16 on a GPU, float32
-    on the CPU).
+    activations float32), 'amx_q4_0' (q4_0's decoder with amx_bf16's encoder),
+    'avx512_bf16' and 'avx512_q4_0' (the same two on CPUs with AVX-512 BF16, such as AMD
+    Zen 4: bfloat16 dot products in vector registers), or None for the device's default
+    (bfloat16 on a GPU, float32 on the CPU).
     `attention`: 'unfused', or 'fused' for MAX's flash-attention kernel (GPU only).
     `greedy_on_device`: greedy decoding as one device loop; default on a GPU only.
     The first load on a machine compiles the graphs (announced on the `maxwhisper`

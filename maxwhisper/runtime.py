@@ -24,7 +24,7 @@ from max.graph import DeviceRef, Module
 
 from .builder import GraphOptions, decoder_graph, encoder_graph, select_graph
 from .compiled import compile_module
-from .precision import Precision, amx_compile_target, bound_weights, resolve_precision
+from .precision import Precision, bound_weights, compile_target, resolve_precision
 from .spec import ModelSpec
 from .weights import check_arrays
 
@@ -129,12 +129,12 @@ class CompiledWhisper:
 
     def _compile(self, what: str, *builders):
         """Build graphs into one module, load it compiled (compiled.py) and bind weights.
-        MAX 26.7 compiles custom kernels (amx_bf16's) in a lone graph only, not in a
+        MAX 26.7 compiles custom kernels (the tiled precisions') in a lone graph only, not in a
         module of several: those graphs load one by one, from MAX's own cache."""
         with _BUILD_LOCK, ensure_default_mlir_context():
             if self.precision.tiled:
                 graphs = [build(None) for build in builders]
-                with amx_compile_target():
+                with compile_target(self.precision.tiles):
                     return [self._session.load(g, weights_registry=self._registry) for g in graphs]
             module = Module()
             graphs = [build(module) for build in builders]

@@ -25,7 +25,7 @@ def test_precision_defaults_and_refusals():
     assert resolve_precision("auto", "gpu").dtype == DType.bfloat16
     assert resolve_precision("float16", "cpu").dtype == DType.float16
     with pytest.raises(ValueError, match="precision must be 'auto', 'float32', 'float16', 'bfloat16', 'q4_0', 'amx_bf16', "
-                                         "'amx_q4_0', found 'int8'"):
+                                         "'amx_q4_0', 'avx512_bf16', 'avx512_q4_0', found 'int8'"):
         resolve_precision("int8", "cpu")
 
 

@@ -22,7 +22,7 @@ comptime LOG2E = 1.4426950408889634
 
 
 @always_inline
-def _exp2[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+def exp2_nonpositive[n: Int](x: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
     """2**x for x <= 0, to 1e-5 relative: a quartic on the fraction, the integer part
     added to the exponent bits. The probabilities are rounded to bfloat16 (4e-3) after,
     and this is a fraction of the library exp's work."""
@@ -158,13 +158,13 @@ def _attention[n_head: Int](output: OutputTensor, q: InputTensor, k: InputTensor
                     var acc = SIMD[DType.float32, 16](0)
                     c = 0
                     while c + 16 <= s:
-                        var e = _exp2[16](((src + c).load[width=16]() - m) * scale)
+                        var e = exp2_nonpositive[16](((src + c).load[width=16]() - m) * scale)
                         acc += e
                         (dst + c).store(e.cast[DType.bfloat16]())
                         c += 16
                     var total = acc.reduce_add()
                     while c < s:
-                        var e = _exp2[1](SIMD[DType.float32, 1](src[c] - m) * scale)
+                        var e = exp2_nonpositive[1](SIMD[DType.float32, 1](src[c] - m) * scale)
                         total += e
                         dst[c] = e.cast[DType.bfloat16]()
                         c += 1
