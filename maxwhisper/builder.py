@@ -29,8 +29,9 @@ from max.dtype import DType
 from max.graph import DeviceRef, Graph, Module, StaticDim, TensorType, TensorValue, Weight, ops
 from max.graph.quantization import QuantizationEncoding
 
+from .kernel_package import kernel_package
 from .manifest import manifest
-from .precision import (FLOAT32, KERNELS, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SUFFIX, TILES_SUFFIX, Precision, q4_0_rows,
+from .precision import (FLOAT32, Q4_0_BLOCK, Q4_0_BYTES, Q4_0_SUFFIX, TILES_SUFFIX, Precision, q4_0_rows,
                         quantized_matrices, tile_shape, tiled_matrices)
 from .spec import SUBLAYER_PREFIX, ModelSpec
 
@@ -67,8 +68,9 @@ class GraphOptions:
 
     @property
     def kernels(self) -> dict:
-        """The Graph keywords that load the custom kernels this precision calls."""
-        return {"custom_extensions": [KERNELS]} if self.precision.tiled else {}
+        """The Graph keywords that load the custom kernels this precision calls (and that
+        its compile is given)."""
+        return {"custom_extensions": [kernel_package()]} if self.precision.tiled else {}
 
 
 class Weights:

@@ -117,10 +117,12 @@ def _prebuilt(want: dict, directory: Path) -> Path | None:
     return None
 
 
-def compile_module(session: InferenceSession, module: Module, label: str, device):
+def compile_module(session: InferenceSession, module: Module, label: str, device, custom_extensions=()):
     """The compiled artifact of `module`: read from its MEF file, or compiled (MAX's own
     cache may still serve it) and written there. `label` names it in messages and the
-    file name ("tiny.en-graphs-float32-unfused-cpu"). The module is hashed once."""
+    file name ("tiny.en-graphs-float32-unfused-cpu"); `custom_extensions`, the kernel
+    packages its graphs call (their paths are in the module's text, so in its hash).
+    The module is hashed once."""
     about = _about(module, label, device)
     path = _path(about)
     for found in (path, _prebuilt(about, PREBUILT)):
@@ -141,7 +143,8 @@ def compile_module(session: InferenceSession, module: Module, label: str, device
     timer.daemon = True
     timer.start()
     try:
-        compiled = session.compile(module)
+        compiled = (session.compile(module, custom_extensions=list(custom_extensions)) if custom_extensions
+                    else session.compile(module))
     finally:
         timer.cancel()
     if announced.is_set():

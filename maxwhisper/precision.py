@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from max import driver
@@ -24,9 +23,6 @@ from max.dtype import DType
 from .cpuinfo import AMX_TARGET_FLAGS, missing_flags
 from .manifest import manifest
 from .spec import ModelSpec
-
-KERNELS = Path(__file__).resolve().parent / "kernels"
-
 
 @dataclass(frozen=True)
 class TileKernels:
@@ -113,11 +109,11 @@ def resolve_precision(precision: str | Precision | None, device_name: str) -> Pr
 
 
 @contextmanager
-def compile_target(tiles: TileKernels):
+def compile_target(tiles: TileKernels | None):
     """Within it, MAX compiles CPU code for the kernels' target, where they name one
-    (process-wide: hold the build lock). MAX compiles a graph when it loads, so only
-    loads belong inside."""
-    if tiles.target is None:
+    (process-wide: hold the build lock). Only compiles (and loads, which compile a bare
+    graph) belong inside."""
+    if tiles is None or tiles.target is None:
         yield
         return
     before = driver.get_virtual_cpu_target()

@@ -128,19 +128,15 @@ class CompiledWhisper:
             self._greedy_loop()
 
     def _compile(self, what: str, *builders):
-        """Build graphs into one module, load it compiled (compiled.py) and bind weights.
-        MAX 26.7 compiles custom kernels (the tiled precisions') in a lone graph only, not in a
-        module of several: those graphs load one by one, from MAX's own cache."""
+        """Build graphs into one module, load it compiled (compiled.py) and bind weights."""
         with _BUILD_LOCK, ensure_default_mlir_context():
-            if self.precision.tiled:
-                graphs = [build(None) for build in builders]
-                with compile_target(self.precision.tiles):
-                    return [self._session.load(g, weights_registry=self._registry) for g in graphs]
             module = Module()
             graphs = [build(module) for build in builders]
             label = f"{self.spec.name}-{what}-{self.precision.name}-{self.options.attention}-{self.device_name}"
-            models = self._session.init_all(compile_module(self._session, module, label, self.device),
-                                            weights_registry=self._registry)
+            with compile_target(self.precision.tiles):
+                compiled = compile_module(self._session, module, label, self.device,
+                                          self.options.kernels.get("custom_extensions", ()))
+            models = self._session.init_all(compiled, weights_registry=self._registry)
             return [models[g.name] for g in graphs]
 
     def _put(self, a: np.ndarray) -> Buffer:

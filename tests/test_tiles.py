@@ -11,7 +11,8 @@ from helpers import PRECISION_ROWS, clips_wer, prompt_logits, real_model
 from maxwhisper import precision
 from maxwhisper.cpuinfo import missing_flags
 from maxwhisper.manifest import manifest
-from maxwhisper.precision import AMX, DOT_BF16, KERNELS, bf16_tiles, bfloat16_bits, resolve_precision, tile_shape
+from maxwhisper.kernel_package import kernel_package
+from maxwhisper.precision import AMX, DOT_BF16, bf16_tiles, bfloat16_bits, resolve_precision, tile_shape
 
 needs_amx = pytest.mark.skipif(bool(missing_flags(AMX.flags)), reason="this CPU lacks flags of the AMX target "
                                "(cpuinfo.AMX_TARGET_FLAGS); the tiles' layout and the refusals are still tested")
@@ -68,7 +69,7 @@ def _kernel_model(k: int, n: int, tiles=AMX, target: str | None = None):
     shape = tile_shape(n, k)
     with Graph(f"{tiles.matmul}_{k}_{n}", input_types=[TensorType(DType.float32, ["rows", k], cpu),
                                                        TensorType(DType.uint16, list(shape), cpu)],
-               custom_extensions=[KERNELS]) as g:
+               custom_extensions=[kernel_package()]) as g:
         x, w = (v.tensor for v in g.inputs)
         g.output(ops.custom(tiles.matmul, cpu, [x, w], [TensorType(DType.float32, [x.shape[0], shape[0] * 16], cpu)])[0])
     if target is None:
@@ -135,7 +136,7 @@ def test_attention_kernel_equals_softmax_attention_on_bfloat16_roundings(batch, 
     cpu, width = DeviceRef.CPU(), 64
     d = n_head * width
     types = [TensorType(DType.float32, [batch, n, d], cpu) for n in (t, keys, keys)]
-    with Graph(f"{tiles.attention}_{t}_{keys}", input_types=types, custom_extensions=[KERNELS]) as g:
+    with Graph(f"{tiles.attention}_{t}_{keys}", input_types=types, custom_extensions=[kernel_package()]) as g:
         g.output(ops.custom(tiles.attention, cpu, [v.tensor for v in g.inputs],
                             [TensorType(DType.float32, [batch, t, d], cpu)], parameters={"n_head": n_head})[0])
     with precision.compile_target(tiles):
@@ -193,3 +194,24 @@ def test_wer_within_half_a_point_of_float32(which, tiles, names, model_cache, ti
     PRECISION_ROWS.append((name, "WER on tests/data/speech (float32's)",
                            f"{rates[name]:.1%} ({rates['float32']:.1%})"))
     assert rates[name] <= rates["float32"] + 0.005, rates
+
+
+@pytest.mark.parametrize("tiles, names", FAMILIES)
+def test_a_tiled_model_loads_again_from_its_compiled_file(tiles, names, model_cache, monkeypatch):
+    """The tiled graphs are one module, compiled once into a MEF file like every other
+    precision's (compiled.py): a second load reads it and compiles nothing."""
+    from max.engine import InferenceSession
+
+    import maxwhisper
+    from maxwhisper import compiled
+
+    first = real_model("tiny.en", names[1])
+    label = f"tiny.en-graphs-{names[1]}-unfused-cpu"
+    assert any(p.name.startswith(label) for p in compiled.compiled_dir().glob("*.mef"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(InferenceSession, "compile", refuse)
+    again = maxwhisper.load_model("tiny.en", device="cpu", precision=names[1])
+    np.testing.assert_array_equal(prompt_logits(again), prompt_logits(first))
