@@ -63,7 +63,7 @@ def fits(built_for: dict, here: dict) -> bool:
             and set(built_for.get("flags", ["?"])) <= set(here["flags"]))
 
 
-def _max_version() -> str:
+def max_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -86,7 +86,7 @@ def module_hash(module: Module) -> str:
 
 def _about(module: Module, label: str, device) -> dict:
     """What a MEF file's JSON sidecar records, and what names the file."""
-    return {"label": label, "max": _max_version(), "module": module_hash(module), "target": target(device)}
+    return {"label": label, "max": max_version(), "module": module_hash(module), "target": target(device)}
 
 
 def _path(about: dict) -> Path:
@@ -143,8 +143,7 @@ def compile_module(session: InferenceSession, module: Module, label: str, device
     timer.daemon = True
     timer.start()
     try:
-        compiled = (session.compile(module, custom_extensions=list(custom_extensions)) if custom_extensions
-                    else session.compile(module))
+        compiled = session.compile(module, custom_extensions=list(custom_extensions) or None)
     finally:
         timer.cancel()
     if announced.is_set():

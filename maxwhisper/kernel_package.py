@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from .compiled import max_version
 from .registry import cache_dir
 
 log = logging.getLogger("maxwhisper")
@@ -27,13 +28,7 @@ class KernelBuildError(RuntimeError):
 
 
 def sources_hash(source: Path) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    digest = hashlib.sha256()
-    try:
-        digest.update(version("max").encode())
-    except PackageNotFoundError:
-        digest.update(b"unknown")
+    digest = hashlib.sha256(max_version().encode())
     for path in sorted(source.rglob("*.mojo")):
         digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()

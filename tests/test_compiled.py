@@ -47,7 +47,7 @@ class FakeSession:
     def __init__(self, seconds: float = 0.0):
         self.compiles, self.seconds = 0, seconds
 
-    def compile(self, module):
+    def compile(self, module, custom_extensions=None):
         self.compiles += 1
         time.sleep(self.seconds)
         return FakeArtifact()
@@ -110,7 +110,7 @@ def test_a_prebuilt_file_is_used_only_where_it_fits(small_module, tmp_path, monk
     shipped = tmp_path / "prebuilt"
     shipped.mkdir()
     here = compiled.target(CPU())
-    about = {"label": "m-cpu", "max": compiled._max_version(), "module": compiled.module_hash(small_module),
+    about = {"label": "m-cpu", "max": compiled.max_version(), "module": compiled.module_hash(small_module),
              "target": {**here, "flags": here["flags"][: len(here["flags"]) // 2]}}
     (shipped / "m.json").write_text(json.dumps(about))
     (shipped / "m.mef").write_bytes(b"MEF")
