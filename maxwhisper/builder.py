@@ -39,6 +39,10 @@ from .spec import SUBLAYER_PREFIX, ModelSpec
 # device (MAX's CPU compiler fuses it itself). "fused": MAX's flash-attention kernel
 # (`mo.mha.no_cache`), which exists for GPUs only.
 ATTENTION = ("unfused", "fused")
+# The decoder's cross-attention under the tiled precisions (kernels/cross_attention.mojo),
+# for up to this many queries per window; more (a prompt pass) go to MAX's matmuls,
+# which are faster there. It takes heads 64 wide, as every Whisper size has.
+CROSS_KERNEL, CROSS_KERNEL_QUERIES, CROSS_KERNEL_WIDTH = "maxwhisper_cross_attention", 16, 64
 
 
 def check_attention(attention: str, device: DeviceRef) -> str:
@@ -205,6 +209,27 @@ def _attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_hea
     if mask is not None:
         scores = scores + mask
     return _bmm(ops.softmax(scores), _heads(v, n_head), q.dtype).transpose(1, 2).reshape([b, t, d])
+
+
+def _cross_attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_head: int) -> TensorValue:
+    """The decoder's attention of each window's (W, G, D) queries over its (W, S, D) audio
+    keys and values. A step's few queries per window (its beams) make it bound by
+    reading the keys and values: under the tiled precisions, which load maxwhisper's
+    kernels anyway, its cross-attention kernel reads them once, as they lie. A prompt
+    pass's many queries go to MAX's matmuls, faster there."""
+    if not w.options.precision.tiled or int(q.shape[2]) != CROSS_KERNEL_WIDTH * n_head:
+        return _attention(w, q, k, v, n_head)
+    out = [TensorType(DType.float32, q.shape, q.device)]
+
+    def kernel():
+        return ops.custom(CROSS_KERNEL, q.device, [q, k, v], out, parameters={"n_head": n_head})[0].tensor
+
+    queries = q.shape[1]
+    if isinstance(queries, StaticDim):  # the greedy loop's one query per window (no cond in its body)
+        return kernel() if int(queries) <= CROSS_KERNEL_QUERIES else _attention(w, q, k, v, n_head)
+    few = ops.shape_to_tensor([queries]).reshape([]) <= ops.constant(CROSS_KERNEL_QUERIES, DType.int64,
+                                                                        DeviceRef.CPU())
+    return ops.cond(few, out, kernel, lambda: _attention(w, q, k, v, n_head))[0].tensor
 
 
 def _flash_attention(q: TensorValue, k: TensorValue, v: TensorValue, n_head: int,
@@ -382,7 +407,7 @@ def residual_block(w: Weights, spec: ModelSpec, part: str, x: TensorValue, self_
                  else _attention_after_prefix(q, k, v, prefix[:2], sizes.n_head, mask, prefix[2]))
         else:
             k, v = cross
-            o = _by_row(_attention(w, _by_window(q, k.shape[0]), k, v, sizes.n_head), *q.shape[:2])
+            o = _by_row(_cross_attention(w, _by_window(q, k.shape[0]), k, v, sizes.n_head), *q.shape[:2])
             if on_cross:
                 on_cross(q, k)
         x = x + _linear(w, f"{p}.out", o)

@@ -131,6 +131,17 @@ def test_the_step_parts_benchmark_builds_each_part_at_its_shapes():
     assert [int(d) for d in attention.inputs[3].tensor.shape] == [windows, prefix, step_parts.D]
 
 
+def test_the_cross_attention_benchmark_builds_both_forms_at_a_steps_shapes():
+    """benchmarks/cross_attention.py: the kernel and MAX's form build (no compile here)
+    with a step's queries against 1500 keys, and give the queries' shape."""
+    from benchmarks import cross_attention
+
+    for kind in ("kernel", "max"):
+        g = cross_attention.graph(kind, windows := 2, queries := 5, width := 384, n_head := 6)
+        assert [int(d) for d in g.inputs[1].tensor.shape] == [windows, cross_attention.S, width]
+        assert [int(d) for d in g.output_types[0].shape] == [windows, queries, width]
+
+
 def test_the_streaming_benchmark_counts_the_streams_that_hold_every_bound():
     from benchmarks.streaming import holding
 

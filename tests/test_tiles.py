@@ -7,7 +7,7 @@ kernels/attention.mojo), avx512_bf16 and avx512_q4_0 with AVX-512 BF16 dot produ
 import numpy as np
 import pytest
 
-from helpers import PRECISION_ROWS, clips_wer, prompt_logits, real_model
+from helpers import PRECISION_ROWS, clips_wer, get_spec, prompt_logits, real_model
 from maxwhisper import precision
 from maxwhisper.cpuinfo import missing_flags
 from maxwhisper.manifest import manifest
@@ -154,6 +154,68 @@ def test_attention_kernel_equals_softmax_attention_on_bfloat16_roundings(batch, 
     err = np.abs(got - want).max() / np.abs(want).max()
     # Measured 8e-4; keys or values off by one position, or a wrong head, give ~1.
     assert err < 5e-3, err
+
+
+@pytest.mark.parametrize("windows, queries, keys, n_head", [(1, 1, 1500, 6), (3, 5, 37, 2), (2, 16, 1500, 8)])
+def test_cross_attention_kernel_equals_softmax_attention(windows, queries, keys, n_head):
+    """The decoder's cross-attention kernel (the tiled precisions' step) against float64
+    attention: one query, a window's beams, the most queries it takes; keys past a
+    multiple of 16, one thread's share of heads and whole windows per thread. It needs
+    no special instructions, so it runs on every CPU."""
+    from max.driver import CPU, Buffer
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, TensorType, ops
+
+    from maxwhisper.builder import CROSS_KERNEL, CROSS_KERNEL_QUERIES, CROSS_KERNEL_WIDTH
+
+    assert queries <= CROSS_KERNEL_QUERIES
+    cpu, width = DeviceRef.CPU(), CROSS_KERNEL_WIDTH
+    d = n_head * width
+    types = [TensorType(DType.float32, [windows, n, d], cpu) for n in (queries, keys, keys)]
+    with Graph(f"cross_{windows}_{queries}_{keys}", input_types=types, custom_extensions=[kernel_package()]) as g:
+        g.output(ops.custom(CROSS_KERNEL, cpu, [v.tensor for v in g.inputs],
+                            [TensorType(DType.float32, [windows, queries, d], cpu)], parameters={"n_head": n_head})[0])
+    model = InferenceSession(devices=[CPU()]).load(g)
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((windows, n, d)).astype(np.float32) * 2 for n in (queries, keys, keys))
+    got = model.execute(*(Buffer.from_numpy(a) for a in (q, k, v)))[0].to_numpy()
+
+    def heads(a):
+        return a.astype(np.float64).reshape(windows, -1, n_head, width).transpose(0, 2, 1, 3)
+
+    scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / np.sqrt(width)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = ((p / p.sum(-1, keepdims=True)) @ heads(v)).transpose(0, 2, 1, 3).reshape(windows, queries, d)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    # float32's rounding (measured about 1e-6); a key, value or head out of place gives ~1.
+    assert err < 1e-5, err
+
+
+def test_the_tiled_step_calls_the_cross_attention_kernel_for_few_queries():
+    """Under a tiled precision the decoder step's cross-attention is the kernel, chosen by
+    the queries a window has (a prompt pass's many take MAX's matmuls); the greedy
+    loop's one query per window takes it with no choice; untiled graphs never call it."""
+    from max.graph import Module
+
+    from maxwhisper.builder import CROSS_KERNEL, GraphOptions, decoder_graph
+    from maxwhisper.loop import greedy_graph
+
+    def text(build, name):
+        module = Module()
+        build(GraphOptions(precision.PRECISIONS[name]), module)
+        return str(module.mlir_module)
+
+    spec = get_spec("tiny.en")
+    step = lambda o, m: decoder_graph(spec, o, module=m)
+    loop = lambda o, m: greedy_graph(spec, 50256, 50363, o, m)
+    tiled, plain = text(step, "avx512_q4_0"), text(step, "float32")
+    # One call in the block; two choices there: the prefix's product, and the kernel or
+    # MAX's matmuls (tiled products choose nothing).
+    assert tiled.count(CROSS_KERNEL) == 1 and tiled.count("mo.if") == 2
+    assert CROSS_KERNEL not in plain
+    assert text(loop, "avx512_q4_0").count(CROSS_KERNEL) == spec.decoder.n_layer
+    assert CROSS_KERNEL not in text(loop, "float32")
 
 
 @pytest.mark.parametrize("bf16, q4_0", [("amx_bf16", "amx_q4_0"), ("avx512_bf16", "avx512_q4_0")])
