@@ -50,10 +50,13 @@ def parts(w: int, beams: int, cached: int, prefix: int) -> dict[str, Graph]:
     graph("one 384 x 384 projection", [_t(b, D), _t(D, D)], lambda x, a: [x @ a.transpose(0, 1)])
     order = _t(b, dtype=DType.int64)
 
-    def grown(k, new, o):  # the step's cache handling: reorder, grow each layer, stack
+    def grown(k, new, o):  # reorder, grow each layer by a concat on the positions' axis, stack
         k = ops.gather(k, o, axis=1)
         return ops.stack([ops.concat([k[i], new], axis=1) for i in range(L)])
 
+    graph("cache K or V: the step's, each layer reordered and grown in one gather, stack",
+          [_t(L, b, p, D), _t(b, 1, D), order],
+          lambda k, new, o: [ops.stack([builder._grown(k[i], new, o) for i in range(L)])])
     graph("cache K or V: reorder, grow each layer, stack (L,B,P,D)", [_t(L, b, p, D), _t(b, 1, D), order],
           lambda k, new, o: [grown(k, new, o)])
     graph("  of which the reorder, gather on axis 1", [_t(L, b, p, D), order],

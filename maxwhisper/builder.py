@@ -480,26 +480,48 @@ def logits_head(w: Weights, spec: ModelSpec, x: TensorValue, at: TensorValue | N
     return w.matmul(x, "decoder.token_embedding.weight").cast(DType.float32)
 
 
+def _grown(past: TensorValue, new: TensorValue, order: TensorValue) -> TensorValue:
+    """The self-attention cache after a step: past (B0, P, D) rows, new (B, T, D) ->
+    (B, P + T, D), row b past row order[b] (beams reorder, finished rows leave) and then
+    new row b. Both are laid end to end along their outer axis and gathered in one pass:
+    MAX 26.7's CPU concat along an inner axis copies element by element, 15x slower
+    (docs/benchmarks.md, "The decoder step's cache")."""
+    b0, p, d = past.shape
+    b, t, _ = new.shape
+    dev = new.device
+    zero, one = (ops.constant(v, DType.int64, DeviceRef.CPU()) for v in (0, 1))  # range's bounds: on the host
+    n_past, n_new = (ops.shape_to_tensor([x]).reshape([]) for x in (p, t))
+    at = ops.range(zero, n_past + n_new, one, out_dim=p + t, device=dev, dtype=DType.int64).reshape([1, -1])
+    rows = ops.range(zero, ops.shape_to_tensor([b]).reshape([]), one, out_dim=b, device=dev,
+                     dtype=DType.int64).reshape([-1, 1])
+    n_past, n_new = n_past.to(dev), n_new.to(dev)
+    first_new = ops.shape_to_tensor([b0]).reshape([]).to(dev) * n_past
+    index = ops.where(at < n_past, order.reshape([-1, 1]) * n_past + at, first_new + rows * n_new + (at - n_past))
+    flat = ops.concat([past.reshape([b0 * p, d]), new.reshape([b * t, d])], axis=0)
+    return ops.gather(flat, index.reshape([-1]), axis=0).reshape([b, p + t, d])
+
+
 def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: bool) -> Graph:
-    """The decoder step's block: (x (B, T, D), cached K and V (B, P, D), cross K and V
-    (W, S, D), the prefix's K and V (W, N, D) and padding mask (W, 1, 1, N + KV), the
-    causal mask (T, KV)) -> (x, the cache
-    grown to KV = P + T, and with `alignment` every head's scaled cross-attention scores
-    (B, H, T, S) float32). MAX 26.7 admits no dimension expressions in a subgraph's
-    signature, so the grown length comes in as the mask's own dimension."""
+    """The decoder step's block: (x (B, T, D), cached K and V (B0, P, D) and the cache
+    row each of the B rows continues (B,), cross K and V (W, S, D), the prefix's K and
+    V (W, N, D) and padding mask (W, 1, 1, N + KV), the causal mask (T, KV)) -> (x, the
+    cache grown to KV = P + T, and with `alignment` every head's scaled cross-attention
+    scores (B, H, T, S) float32). MAX 26.7 admits no dimension expressions in a
+    subgraph's signature, so the grown length comes in as the mask's own dimension."""
     dec, dt, dev = spec.decoder, options.dtype, options.device
     rows = TensorType(dt, ["batch", "seq", dec.n_state], dev)
-    cache = TensorType(dt, ["batch", "past", dec.n_state], dev)
+    cache = TensorType(dt, ["cache_batch", "past", dec.n_state], dev)
+    order = TensorType(DType.int64, ["batch"], dev)
     cross = TensorType(dt, ["windows", "audio", dec.n_state], dev)
     prefix = TensorType(dt, ["windows", "prefix", dec.n_state], dev)
     padding = TensorType(DType.float32, ["windows", 1, 1, "keys"], dev)
     mask = TensorType(DType.float32, ["seq", "kv"], dev)
 
-    def body(w, x, past_k, past_v, cross_k, cross_v, prefix_k, prefix_v, padding, mask):
+    def body(w, x, past_k, past_v, order, cross_k, cross_v, prefix_k, prefix_v, padding, mask):
         grown, scores = [], []
 
         def self_kv(k, v):
-            grown[:] = [ops.concat([past, new], axis=1).rebind([x.shape[0], mask.shape[1], dec.n_state])
+            grown[:] = [_grown(past, new, order).rebind([x.shape[0], mask.shape[1], dec.n_state])
                         for past, new in ((past_k, k), (past_v, v))]
             return grown
 
@@ -512,7 +534,7 @@ def _decoder_block(g: Graph, spec: ModelSpec, options: GraphOptions, alignment: 
 
     name = "decoder_block" + ("_alignment" if alignment else "")
     return _subgraph(g, name, spec, options, "decoder.blocks.0.",
-                     [rows, cache, cache, cross, cross, prefix, prefix, padding, mask], body)
+                     [rows, cache, cache, order, cross, cross, prefix, prefix, padding, mask], body)
 
 
 def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), alignment: bool = False,
@@ -555,8 +577,6 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
         w = Weights(g, spec, options)
         (tokens, order, self_k, self_v, cross_k, cross_v, prefix_k, prefix_v, pads, row_pads,
          logits_at) = (v.tensor for v in g.inputs)
-        # Beam reordering and dropping finished rows, fused into the step.
-        self_k, self_v = ops.gather(self_k, order, axis=1), ops.gather(self_v, order, axis=1)
         t, p, n = tokens.shape[1], self_k.shape[2], prefix_k.shape[2]
         x = embed_tokens(w, tokens) + ops.gather(w("decoder.positional_embedding"),
                                                  _positions(n + p, t, row_pads, device), axis=0)
@@ -564,7 +584,8 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
         padding = _padding(pads, n + p + t, device).rebind([cross_k.shape[1], 1, 1, "keys"])
         new_k, new_v, qks = [], [], []
         for i in range(L):
-            x, k, v, *scores = _call(block, x, self_k[i], self_v[i], cross_k[i], cross_v[i], prefix_k[i],
+            # Beam reordering and dropping finished rows happen as the cache grows.
+            x, k, v, *scores = _call(block, x, self_k[i], self_v[i], order, cross_k[i], cross_v[i], prefix_k[i],
                                      prefix_v[i], padding, mask, prefix=f"decoder.blocks.{i}.")
             new_k.append(k.rebind([k.shape[0], p + t, D]))
             new_v.append(v.rebind([v.shape[0], p + t, D]))

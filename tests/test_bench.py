@@ -120,8 +120,10 @@ def test_the_step_parts_benchmark_builds_each_part_at_its_shapes():
     from benchmarks import step_parts
 
     graphs = step_parts.parts(windows := 3, beams := 2, cached := 5, prefix := 7)
-    assert len(graphs) == 10
+    assert len(graphs) == 11
     rows = windows * beams
+    step = graphs["cache K or V: the step's, each layer reordered and grown in one gather, stack"]
+    assert [int(d) for d in step.output_types[0].shape] == [step_parts.L, rows, cached + 1, step_parts.D]
     cache = graphs["cache K or V: reorder, grow each layer, stack (L,B,P,D)"]
     assert [int(d) for d in cache.inputs[0].tensor.shape] == [step_parts.L, rows, cached, step_parts.D]
     assert [int(d) for d in cache.output_types[0].shape] == [step_parts.L, rows, cached + 1, step_parts.D]

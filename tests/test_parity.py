@@ -138,6 +138,16 @@ def test_rows_reorder_and_drop_inside_the_step(parity_case):
         else:
             np.testing.assert_allclose(got, want[order], rtol=0, atol=1e-5 * np.abs(want).max())
         assert new.self_k.shape[1] == len(order)
+    # The cache rows move with their rows, whole, and the new token's K/V go after them.
+    _, stepped, _ = compiled.decode(tokens[:, 6:8], state)
+    order = [1, 0, 0]
+    _, grown, _ = compiled.decode(tokens[order, 8:9], compiled.windows(stepped, order), order=order)
+    _, plain, _ = compiled.decode(tokens[:, 8:9], stepped)
+    for old, new, last in ((stepped.self_k, grown.self_k, plain.self_k), (stepped.self_v, grown.self_v, plain.self_v)):
+        old, new, last = old.to_numpy(), new.to_numpy(), last.to_numpy()
+        assert new.shape == (old.shape[0], 3, 3, old.shape[3])
+        np.testing.assert_array_equal(new[:, :, :2], old[:, order])
+        np.testing.assert_array_equal(new[:, :, 2], last[:, order, 2])
     with pytest.raises(ValueError, match="order must be"):
         compiled.decode(tokens[:, 6:7], state, order=[0, 2])
 
