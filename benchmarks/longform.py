@@ -15,7 +15,8 @@ float32 (whisper.cpp: float16, its top precision on the CPU), and our --low-prec
 (q4_0, or amx_bf16 or amx_q4_0 on CPUs with Intel AMX, avx512_bf16 or avx512_q4_0 on
 CPUs with AVX-512 BF16) against faster-whisper's int8 and
 whisper.cpp's --whispercpp-type. Each system transcribes a 30 s
-clip first (warm-up), then the recording once; the load is not in the time.
+clip first (warm-up), then the recording --repeats times (the median is its time); the
+load is not in the time.
 
 `--rss-hours` writes that many hours of generated audio (silence with low noise, one
 utterance a minute) as a 16-bit WAV file and transcribes it in a new process each: the
@@ -73,6 +74,7 @@ class Row:
     seconds: float | None = None
     wer: float | None = None
     skipped: str | None = None
+    times: list[float] | None = None  # each repeat's seconds
 
 
 def _ours(model: str, precision: str, batch: int | None, beam: int | None):
@@ -105,7 +107,7 @@ def _whispercpp(model: str, ftype: str, beam: int, threads: int):
 
 
 def run(model: str, minutes: float, batch: int, beam: int, threads: int, whispercpp: str = "q4_0",
-        low: str = "q4_0") -> dict:
+        low: str = "q4_0", repeats: int = 1) -> dict:
     """`low`: our precision in the low-precision class (q4_0, or an amx_ or avx512_ one)."""
     audio, text = recording(minutes)
     lows = f"{low} / int8"
@@ -131,13 +133,17 @@ def run(model: str, minutes: float, batch: int, beam: int, threads: int, whisper
         try:
             go = make()
             go(warm)
-            t = time.perf_counter()
-            out = go(audio)
-            rows.append(Row(system, cls, time.perf_counter() - t, wer(text, out)))
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                out = go(audio)
+                times.append(time.perf_counter() - t)
+            rows.append(Row(system, cls, float(np.median(times)), wer(text, out), times=times))
         except Exception as e:  # a peer that fails must not sink the others' figures
             rows.append(Row(system, cls, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
         print(f"{system} [{cls}]: {rows[-1]}", file=sys.stderr, flush=True)
     return dict(model=model, audio_s=audio.size / RATE, words=len(text.split()), batch=batch, beam=beam,
+                repeats=repeats,
                 threads=threads, date=str(date.today()), machine=f"{os.cpu_count()} CPU cores",
                 versions={p: _version(p) for p in ("max", "faster-whisper", "ctranslate2", "pywhispercpp")},
                 rows=[r.__dict__ for r in rows])
@@ -155,7 +161,7 @@ def _version(package: str) -> str | None:
 def table(report: dict) -> str:
     head = (f"{report['model']}, {report['audio_s'] / 60:.1f} min recording ({report['words']} words), "
             f"beam {report['beam']}, batch {report['batch']}, faster-whisper and whisper.cpp on {report['threads']} "
-            "threads; "
+            f"threads; the median of {report.get('repeats', 1)} runs each; "
             f"{report['machine']}; {report['date']}; "
             + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
     lines = [head, "", "| class | system | time (s) | x real time | WER | time / our batched time |",
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["q4_0", "amx_bf16", "amx_q4_0", "avx512_bf16", "avx512_q4_0"],
                    help="our precision in the quantized class (amx_bf16, amx_q4_0: CPUs with Intel AMX; "
                         "avx512_bf16, avx512_q4_0: CPUs with AVX-512 BF16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of the recording per system (median)")
     p.add_argument("--rss-hours", type=float, default=None,
                    help="instead: peak resident memory of this many hours with the VAD and batching")
     p.add_argument("--out", default=None, help="write the report as JSON here")
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['peak_mib']:.0f} MiB | {r['seconds']:.0f} s |")
     else:
         report = run(args.model, args.minutes, args.batch_size, args.beam_size, args.threads, args.whispercpp_type,
-                     args.low_precision)
+                     args.low_precision, args.repeats)
         print(table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -359,13 +359,18 @@ def _beam_step(rows: _Rows, logprobs: LogProbs, opts, eot, done_out, max_candida
     keep, new_tokens, new_sum = [], [], []
     tops = largest(logprobs.logits, beam + 1)
     values = logprobs.at(np.arange(len(tops))[:, None], tops)
-    for w in dict.fromkeys(rows.window.tolist()):
+    # Python numbers from here: a few candidates a row, where numpy's per-call cost rules.
+    tops, values, sums = tops.tolist(), values.tolist(), rows.sum_logprob.tolist()
+    members: dict[int, list[int]] = {}
+    for r, w in enumerate(rows.window.tolist()):
+        members.setdefault(w, []).append(r)
+    for w, window_rows in members.items():
         scores: dict[tuple, tuple[float, int]] = {}
-        for r in np.flatnonzero(rows.window == w):
-            order = np.argsort(-values[r], kind="stable")
-            for t, lp in zip(tops[r, order], values[r, order]):
-                if np.isfinite(lp):
-                    scores[tuple(rows.tokens[r]) + (int(t),)] = (rows.sum_logprob[r] + lp, r)
+        for r in window_rows:
+            seq, lps = tuple(rows.tokens[r]), values[r]
+            for i in sorted(range(len(lps)), key=lambda i: -lps[i]):  # stable: ties keep their order
+                if math.isfinite(lps[i]):
+                    scores[seq + (tops[r][i],)] = (sums[r] + lps[i], r)
         finished, survivors = [], []
         for seq in sorted(scores, key=lambda q: scores[q][0], reverse=True):
             score, source = scores[seq]

@@ -171,8 +171,9 @@ def test_the_long_form_benchmark_builds_its_recording_and_table():
             longform.Row("faster-whisper BatchedInferencePipeline (batch 8)", "float32", 5.0, 0.05),
             longform.Row("faster-whisper sequential", "q4_0 / int8", skipped="not installed")]
     report = dict(model="tiny.en", audio_s=300.0, words=500, batch=8, beam=5, threads=2, date="d",
-                  machine="2 CPU cores", versions={"max": "26.7"}, rows=[r.__dict__ for r in rows])
+                  machine="2 CPU cores", versions={"max": "26.7"}, repeats=3, rows=[r.__dict__ for r in rows])
     table = longform.table(report)
+    assert "the median of 3 runs each" in table.splitlines()[0]
     assert "| float32 | faster-whisper BatchedInferencePipeline (batch 8) | 5.0 | 60.0 | 5.0% | 0.50 |" in table
     assert "| q4_0 / int8 | faster-whisper sequential | - | - | - | could not run: not installed |" in table
 
