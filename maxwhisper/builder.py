@@ -484,8 +484,8 @@ def _grown(past: TensorValue, new: TensorValue, order: TensorValue) -> TensorVal
     """The self-attention cache after a step: past (B0, P, D) rows, new (B, T, D) ->
     (B, P + T, D), row b past row order[b] (beams reorder, finished rows leave) and then
     new row b. Both are laid end to end along their outer axis and gathered in one pass:
-    MAX 26.7's CPU concat along an inner axis copies element by element, 15x slower
-    (docs/benchmarks.md, "The decoder step's cache")."""
+    MAX 26.7's CPU concat along an inner axis copies element by element, several times
+    slower (docs/benchmarks.md, "The decoder step's cache")."""
     b0, p, d = past.shape
     b, t, _ = new.shape
     dev = new.device
