@@ -293,20 +293,41 @@ class _Reader:
 
 
 def _raw_log_mel(reader: _Reader, t0: int, t1: int, spec: AudioSpec) -> np.ndarray:
-    """log10 mel power of frames [t0, t1), each centred on sample t * hop."""
-    n_fft, hop = spec.n_fft, spec.hop_length
-    return _log10_mel(reader.get(t0 * hop - n_fft // 2, (t1 - 1) * hop + n_fft - n_fft // 2), spec)
+    """log10 mel power of frames [t0, t1), each centred on sample t * hop. Frames that
+    lie wholly past the end of the source read only zeros (the padding of silence):
+    their value is the same for all of them, and their STFT is skipped."""
+    n_fft, hop, half = spec.n_fft, spec.hop_length, spec.n_fft // 2
+    samples = reader.get(t0 * hop - half, (t1 - 1) * hop + n_fft - half)
+    if reader.n is None:
+        return _log10_mel(samples, spec)
+    sounding = min(t1, max(t0, -(-(reader.n + half) // hop)))  # frames from here on: zeros only
+    out = np.empty((spec.n_mels, t1 - t0), np.float32)
+    out[:, sounding - t0:] = _silent_log_mel(spec)[:, None]
+    if sounding > t0:
+        out[:, : sounding - t0] = _log10_mel(samples[: (sounding - t0 - 1) * hop + n_fft], spec)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _silent_log_mel(spec: AudioSpec) -> np.ndarray:
+    """(n_mels,) log10 mel power of a frame of zeros."""
+    return _log10_mel(np.zeros(spec.n_fft, np.float32), spec)[:, 0]
 
 
 class Spectrogram:
     """The log-mel of an audio followed by one window of silence, as
     `log_mel_spectrogram(audio, spec, padding=spec.n_samples)` computes it, read one
-    window at a time: memory stays at a window's size however long the audio.
+    window at a time: memory stays at a window's size however long the audio (an audio
+    of up to `KEEP_FRAMES` frames keeps its log-mel from the first pass instead of
+    reading the source twice).
 
     The scale depends on the loudest frame of the whole audio, so construction reads the
     source once (and refuses bad audio, naming it, before any decoding); windows read it
     again from the start, in order. `source`: mono float32 samples at the spec's rate, or
     an `AudioFile`."""
+
+    # Frames (of log-mel, 1.3 KB each) up to which the first pass's are kept: two windows.
+    KEEP_FRAMES = 6000
 
     def __init__(self, source, spec: AudioSpec, block_frames: int = 4096):
         if not hasattr(source, "blocks"):
@@ -318,6 +339,7 @@ class Spectrogram:
             self._blocks = source.blocks
         hop, half = spec.hop_length, spec.n_fft // 2
         reader, peak, t0 = _Reader(self._blocks()), np.float32(-np.inf), 0
+        kept: list[np.ndarray] | None = []
         while not reader.exhausted_before(t0 * hop - half):
             t1 = t0 + block_frames
             raw = _raw_log_mel(reader, t0, t1, spec)
@@ -325,8 +347,12 @@ class Spectrogram:
                 raw = raw[:, : max(0, (reader.n + spec.n_samples) // hop - t0)]
             if raw.size:
                 peak = max(peak, raw.max())
+            if kept is not None:
+                kept = kept + [raw] if t0 + raw.shape[1] <= self.KEEP_FRAMES else None
             reader.release(t1 * hop - half)
             t0 = t1
+        # A short audio's frames are kept from this pass for the windows to read.
+        self._kept = None if kept is None else np.concatenate(kept + [np.zeros((spec.n_mels, 0), np.float32)], 1)
         self.n_samples = reader.n  # zero only for arrays: files and `prepare` refuse empty audio
         self.total_frames = (self.n_samples + spec.n_samples) // hop
         if t0 < self.total_frames:  # frames of pure padding: log10 of the 1e-10 floor
@@ -362,9 +388,15 @@ class Spectrogram:
         """(n_mels, frames) log-mel of frames [seek, seek + frames); later calls may not seek
         back further than this one (they may, at the cost of reading from the start)."""
         frames = max(0, min(frames, self.total_frames - seek))
-        reader = self._at(seek)
-        out = _raw_log_mel(reader, seek, seek + frames, self.spec) if frames else \
-            np.zeros((self.spec.n_mels, 0), np.float32)
+        if self._kept is not None:
+            out = np.empty((self.spec.n_mels, frames), np.float32)
+            got = self._kept[:, seek: seek + frames]
+            out[:, : got.shape[1]] = got
+            out[:, got.shape[1]:] = _silent_log_mel(self.spec)[:, None]  # the padding past the kept frames
+        elif frames:
+            out = _raw_log_mel(self._at(seek), seek, seek + frames, self.spec)
+        else:
+            out = np.zeros((self.spec.n_mels, 0), np.float32)
         return _scaled(out, self._floor)
 
 

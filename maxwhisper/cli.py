@@ -147,7 +147,7 @@ def _vad_arguments(p: argparse.ArgumentParser) -> None:
     v = VadOptions()
     p.add_argument("--vad", action="store_true",
                    help="transcribe only the speech that the voice activity detector (Silero VAD) finds; "
-                        "with --batch-size above 1 the speech is cut at long pauses into sections decoded side by side")
+                        "with --batch-size above 1 the speech is cut at pauses into chunks of one window decoded side by side")
     p.add_argument("--vad-threshold", type=float, default=v.threshold,
                    help="speech probability at which speech starts (default %(default)s)")
     p.add_argument("--vad-neg-threshold", type=float, default=v.neg_threshold,
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="file format to write; 'all' writes every one (default txt)")
     tr.add_argument("--output-dir", "-o", default=".", help="where to write <audio stem>.<format>")
     tr.add_argument("--batch-size", type=int, default=8,
-                    help="audio files (with --vad: speech sections) decoded together, one window each per step "
+                    help="audio files (with --vad: speech chunks) decoded together, one window each per step "
                          "(default 8)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar, no transcript on stdout")
     tr.set_defaults(func=_transcribe)

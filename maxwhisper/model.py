@@ -54,8 +54,8 @@ class Whisper:
         """`audio`: a file path, or mono float32 samples at 16 kHz. Options as
         openai-whisper's `transcribe()` (language, task, temperature, ...): a
         `TranscribeOptions`, keyword overrides of its fields, or both. With
-        `vad_filter=True`, `batch_size` > 1 decodes the speech as up to `batch_size`
-        sections side by side, made of chunks cut at pauses."""
+        `vad_filter=True`, `batch_size` > 1 cuts the speech at pauses into chunks of one
+        window and decodes up to `batch_size` of them side by side."""
         return transcribe(self, self._samples(audio), options, batch_size=batch_size, **overrides)
 
     def transcribe_many(self, audios, options: TranscribeOptions | None = None, batch_size: int = 8,

@@ -1,8 +1,8 @@
 """The parts of an audio that are transcribed: the spans that `clip_timestamps` names,
 narrowed to speech by the VAD; joined into one audio (decoded in order, each window
-prompted with the text before it) or cut at pauses into chunks of one window, dealt
-into sections (decoded side by side, each with its own previous text); and the times
-of what was decoded mapped back onto the original timeline."""
+prompted with the text before it) or cut at pauses into chunks of one window (decoded
+side by side, each as audio of its own); and the times of what was decoded mapped back
+onto the original timeline."""
 
 from __future__ import annotations
 
@@ -105,29 +105,26 @@ def speech_spans(probs: list[np.ndarray], spans: list[tuple[int, int]], vad: Vad
     return out
 
 
-def speech_sections(probs: list[np.ndarray], spans: list[tuple[int, int]], vad: VadOptions, sample_rate: int,
-                    sections: int, chunk_s: float = CHUNK_S) -> list[Timeline]:
+def speech_chunks(probs: list[np.ndarray], spans: list[tuple[int, int]], vad: VadOptions, sample_rate: int,
+                  chunk_s: float = CHUNK_S) -> list[Timeline]:
     """The speech inside the spans (from their `probabilities`) cut at pauses into
-    chunks of at most `chunk_s` (one window each), dealt in order into up to `sections`
-    parts of consecutive chunks (`_sections`). A pause is a gap between speech spans, or
-    a run of windows below the VAD's silence threshold inside one. Each part is then
-    read as a long-form audio of its own whose windows never cross a chunk's end, each
-    prompted with the text before it, so only a part's first window goes without the
-    previous text."""
+    chunks of at most `chunk_s` (one window each), in order (`_chunks`). A pause is a
+    gap between speech spans, or a run of windows below the VAD's silence threshold
+    inside one. Each chunk is then read as a long-form audio of its own."""
     speech, pauses = [], []
     for p, (a, b) in zip(probs, spans):
         found = [(a + s, a + e) for s, e in speech_timestamps(p, b - a, vad)]
         pauses += _pauses(p, found, a, vad) + ([(speech[-1][1], found[0][0], found[0][0] - speech[-1][1])]
-                                                   if speech and found else [])
+                                               if speech and found else [])
         speech += found
     if not speech:
         return []
-    return _sections(speech, sorted(pauses), sample_rate, sections, chunk_s)
+    return _chunks(speech, sorted(pauses), sample_rate, chunk_s)
 
 
 def _pauses(probs: np.ndarray, speech: list[tuple[int, int]], offset: int,
             vad: VadOptions) -> list[tuple[int, int, int]]:
-    """Where a section may end: (its end, the next one's start, how long the pause
+    """Where a chunk may end: (its end, the next one's start, how long the pause
     is) in samples, at each gap between speech spans and in the middle of each run of
     quiet windows (three or more, 96 ms) inside a span."""
     cuts = [(e, s, s - e) for (_, e), (s, _) in zip(speech, speech[1:])]
@@ -141,14 +138,11 @@ def _pauses(probs: np.ndarray, speech: list[tuple[int, int]], offset: int,
     return sorted(cuts)
 
 
-def _sections(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]], sample_rate: int,
-              sections: int, chunk_s: float) -> list[Timeline]:
+def _chunks(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]], sample_rate: int,
+            chunk_s: float) -> list[Timeline]:
     """Chunks of at most `chunk_s` of speech, each ended at the longest pause in its last
     third (else at its latest pause, else where `chunk_s` runs out), so that a window
-    holds a chunk whole and sees where its speech stops. The chunks go in order into
-    as few rounds of `sections` windows as they need, and into as few parts as those
-    rounds allow (each part decodes one chunk a round), so that as many chunks as can
-    be decode after the text before them."""
+    holds a chunk whole and sees where its speech stops."""
     starts = np.cumsum([0] + [e - s for s, e in speech])
     total, limit = int(starts[-1]), int(chunk_s * sample_rate)
 
@@ -180,27 +174,15 @@ def _sections(speech: list[tuple[int, int]], pauses: list[tuple[int, int, int]],
     def part(x: int, y: int) -> tuple[tuple[int, int], ...]:
         return tuple((max(s, x), min(e, y)) for s, e in speech if min(e, y) > max(s, x))
 
-    rounds = math.ceil(len(chunks) / max(sections, 1))
-    n = math.ceil(len(chunks) / rounds)
-    lines = []
-    for k in range(n):
-        spans, breaks = (), []
-        for x, y in chunks[k * len(chunks) // n:(k + 1) * len(chunks) // n]:
-            spans += part(x, y)
-            breaks.append(int(sum(b - a for a, b in spans)))
-        if spans:
-            lines.append(Timeline(spans, sample_rate, tuple(breaks)))
-    return lines
+    return [Timeline(part(x, y), sample_rate) for x, y in chunks]
 
 
 @dataclass(frozen=True)
 class Timeline:
     """Spans of the original audio laid end to end: where each starts in the joined
-    audio, and where it came from. `breaks`: positions in the joined audio (samples)
-    that no window crosses, the ends of its chunks."""
+    audio, and where it came from."""
     spans: tuple[tuple[int, int], ...]
     sample_rate: int
-    breaks: tuple[int, ...] = ()
 
     @property
     def joined_starts(self) -> list[int]:
@@ -212,7 +194,7 @@ class Timeline:
 
     def joined(self, source) -> Joined:
         """The spans of `source` (the audio they were found in) laid end to end."""
-        return Joined(source, self.spans, self.breaks)
+        return Joined(source, self.spans)
 
     def original(self, seconds: float, is_end: bool = False) -> float:
         """A time in the joined audio on the original timeline. An end that falls on a
@@ -243,11 +225,9 @@ class Timeline:
 @dataclass(frozen=True, eq=False)
 class Joined:
     """A source's spans laid end to end, as a `Spectrogram` reads its source: block by
-    block, each time it is read, so that a part of an hour never sits in memory whole.
-    `breaks`: the Timeline's."""
+    block, each time it is read, so that a part of an hour never sits in memory whole."""
     source: object
     spans: tuple[tuple[int, int], ...]
-    breaks: tuple[int, ...] = ()
 
     def blocks(self):
         for _, samples in pieces(self.source, list(self.spans)):
@@ -255,7 +235,7 @@ class Joined:
 
 
 def merged(results: list[dict], language: str | None) -> dict:
-    """The results of one audio's sections, in order, as one result."""
+    """The results of one audio's parts, in order, as one result."""
     segments = [s for r in results for s in r["segments"]]
     for i, segment in enumerate(segments):
         segment["id"] = i

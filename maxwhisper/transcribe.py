@@ -13,7 +13,7 @@ import numpy as np
 from .audio import Spectrogram, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language, prompt_length
 from .hallucination import end_of, skip_silence
-from .spans import (Joined, Timeline, clip_spans, merged, parse_clip_timestamps, probabilities, speech_sections,
+from .spans import (Joined, Timeline, clip_spans, merged, parse_clip_timestamps, probabilities, speech_chunks,
                     speech_spans)
 from .timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, add_word_timestamps
 from .tokenizer import WhisperTokenizer
@@ -60,8 +60,6 @@ class _Stream:
         self.spectrogram = audio if isinstance(audio, Spectrogram) else Spectrogram(audio, model.spec.audio)
         self.tok, self.floor = tok, floor
         self.content_frames = self.spectrogram.content_frames
-        # Where windows end: the ends of a joined part's chunks (spans.Timeline.breaks).
-        self.breaks = [b // model.spec.audio.hop_length for b in getattr(audio, "breaks", ())]
         if isinstance(initial_prompt, tuple):
             self.prompt_tokens = list(initial_prompt)
         else:
@@ -84,10 +82,7 @@ class _Stream:
         """The next window's content frames and its padded log-mel; None when it is too
         quiet to hold speech. Only content frames go in: the rest of the window is
         zeros, not the log-mel of padding, as openai-whisper and faster-whisper feed it."""
-        # The furthest chunk end that the window reaches: a chunk whole, with the rest of
-        # the one before it if a window stopped short of its end.
-        ends = [e for e in self.breaks + [self.content_frames] if self.seek < e <= self.seek + n_frames]
-        frames = min(n_frames, max(ends, default=self.content_frames) - self.seek)
+        frames = min(n_frames, self.content_frames - self.seek)
         if self.floor is not None:
             samples = self.spectrogram.samples(self.seek, frames)
             if samples.size == 0 or np.max(np.abs(samples)) < self.floor:
@@ -159,8 +154,7 @@ def transcribe(model, audio: np.ndarray, options: TranscribeOptions | None = Non
     language. Options as `transcribe_batch`; `progress(frames, total_frames)`.
 
     With `vad_filter`, `batch_size` > 1 cuts the speech at pauses into chunks of one
-    window, dealt into up to `batch_size` sections of consecutive chunks decoded side by
-    side, each with its own previous text;
+    window, up to `batch_size` decoded side by side, each as audio of its own;
     `batch_size=1` decodes the speech joined, in order, each window prompted with the
     text before it."""
     report = None if progress is None else (lambda _i, frames, total: progress(frames, total))
@@ -475,14 +469,14 @@ class StreamBatch:
 def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: TranscribeOptions, batch_size: int,
                       progress) -> Iterator[tuple[int, dict]]:
     """Each audio's clips, narrowed to speech by the VAD, decoded as audios of their own:
-    with the VAD and `batch_size` > 1, up to `batch_size` sections of chunks cut at
-    pauses (spans.speech_sections), side by side, each read as long-form audio with its own
-    previous text; otherwise the parts joined into one audio, decoded in order. Yields
-    (index, result) with times on each audio's own timeline."""
+    with the VAD and `batch_size` > 1, chunks of one window cut at pauses
+    (spans.speech_chunks), up to `batch_size` side by side, each read as long-form audio;
+    otherwise the parts joined into one audio, decoded in order. Yields (index, result)
+    with times on each audio's own timeline."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, found {batch_size}")
     rate, hop = model.spec.audio.sample_rate, model.spec.audio.hop_length
-    sectioned = o.vad_filter and batch_size > 1
+    chunked = o.vad_filter and batch_size > 1
     vad = o.vad_options or VadOptions()
     clips = parse_clip_timestamps(o.clip_timestamps)
     plain = replace(o, vad_filter=False, vad_options=None, clip_timestamps="0")
@@ -503,8 +497,8 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: Tran
                 n_samples = source.size
             frames_of[index], reported[index] = n_samples // hop, 0
             spans = clip_spans(clips, n_samples, rate)
-            if sectioned:
-                lines = speech_sections(probabilities(source, spans), spans, vad, rate, batch_size)
+            if chunked:
+                lines = speech_chunks(probabilities(source, spans), spans, vad, rate)
             elif o.vad_filter:
                 lines = [Timeline(tuple(speech_spans(probabilities(source, spans), spans, vad)), rate)]
             else:
@@ -529,7 +523,7 @@ def _transcribe_parts(model, audios: Iterable[np.ndarray | Spectrogram], o: Tran
             got = done.pop(index)
             results = [got[j] for j in range(len(timelines.pop(index)))]
             report(index, frames_of[index])
-            yield index, merged(results, o.language) if sectioned else results[0]
+            yield index, merged(results, o.language) if chunked else results[0]
 
 
 def _detect_languages(model, streams: list[_Stream], tok, task: str) -> None:

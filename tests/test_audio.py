@@ -67,6 +67,24 @@ def test_block_size_does_not_change_the_mel():
     np.testing.assert_array_equal(log_mel_spectrogram(x, AUDIO), log_mel_spectrogram(x, AUDIO, block_frames=7))
 
 
+@pytest.mark.parametrize("seconds", [0.01, 7.3, 29.9, 45.0, 75.0])
+def test_spectrogram_windows_equal_the_whole_log_mel(seconds):
+    """A `Spectrogram`'s windows are the log-mel of the audio and a window of silence,
+    bit for bit: frames of the padding alone, and (short audio) frames kept from the
+    first pass, as much as frames read again from the source (long audio)."""
+    from maxwhisper.audio import Spectrogram
+
+    clip = load_audio(CLIP)
+    x = np.tile(clip, int(seconds * AUDIO.sample_rate) // clip.size + 1)[: int(seconds * AUDIO.sample_rate)]
+    whole = log_mel_spectrogram(x, AUDIO, padding=AUDIO.n_samples)
+    s = Spectrogram(x, AUDIO)
+    assert (s._kept is not None) == (seconds < 30)
+    for seek in range(0, s.content_frames + 1, 1234):
+        np.testing.assert_array_equal(s.mel(seek, AUDIO.n_frames), whole[:, seek: seek + AUDIO.n_frames])
+    tail = s.content_frames + AUDIO.n_frames - 5
+    np.testing.assert_array_equal(s.mel(tail, 20), whole[:, tail:])
+
+
 def test_hour_long_mel_memory_is_bounded():
     """Over an hour of audio: peak memory stays near the audio plus its mel."""
     x = np.zeros(16000 * 3700, np.float32)

@@ -171,8 +171,8 @@ def test_times_in_joined_parts_map_back_onto_the_original_timeline():
     assert [(w["start"], w["end"]) for s in result["segments"] for w in s["words"]] == [(1.2, 2.0), (5.1, 5.6)]
 
 
-def test_speech_is_cut_into_chunks_at_pauses_and_dealt_into_parts():
-    from maxwhisper.spans import _sections
+def test_speech_is_cut_into_chunks_at_pauses():
+    from maxwhisper.spans import _chunks
 
     r = RATE
     # 100.75 s of speech in four spans; pauses inside them of 0.2 s (at 24 s and 49 s)
@@ -183,44 +183,18 @@ def test_speech_is_cut_into_chunks_at_pauses_and_dealt_into_parts():
     # Chunks of at most 30 s of speech, each ended at the longest pause in its last third
     # (the 1 s gap at 30 s, not the 0.2 s pause at 24 s; the 2 s gap at 59 s of speech,
     # not the 0.6 s one at 43 s), else at its latest pause (the gap at 80 s).
-    chunks = [((0, 30 * r),), ((31 * r, 60 * r),), ((62 * r, 80 * r),), ((80 * r + 4000, 104 * r),)]
-    got = _sections(speech, pauses, r, sections=8, chunk_s=30.0)
-    assert [line.spans for line in got] == chunks
-    assert [line.breaks for line in got] == [(30 * r,), (29 * r,), (18 * r,), (24 * r - 4000,)]
-    # Fewer windows a round than chunks: as few rounds as fit, one part per window a round.
-    for sections in (2, 3):
-        two = _sections(speech, pauses, r, sections=sections, chunk_s=30.0)
-        assert [line.spans for line in two] == [chunks[0] + chunks[1], chunks[2] + chunks[3]]
-        assert [line.breaks for line in two] == [(30 * r, 59 * r), (18 * r, 42 * r - 4000)]
-    one = _sections(speech, pauses, r, sections=1, chunk_s=30.0)
-    assert [line.spans for line in one] == [tuple(speech)]
-    assert one[0].breaks == (30 * r, 59 * r, 77 * r, 101 * r - 4000)
+    got = _chunks(speech, pauses, r, chunk_s=30.0)
+    assert [line.spans for line in got] == [((0, 30 * r),), ((31 * r, 60 * r),), ((62 * r, 80 * r),),
+                                            ((80 * r + 4000, 104 * r),)]
+    # Without the 2 s gap among the pauses, none lies in the second chunk's last third:
+    # it ends at its latest pause (0.2 s at 49 s), and the third holds two spans, the
+    # gap between them left out.
+    got = _chunks(speech, [p for p in pauses if p[2] != 2 * r], r, chunk_s=30.0)
+    assert [line.spans for line in got] == [((0, 30 * r),), ((31 * r, 49 * r),),
+                                            ((49 * r, 60 * r), (62 * r, 80 * r)), ((80 * r + 4000, 104 * r),)]
     # Speech without pauses is cut where 30 s run out.
-    plain = _sections([(0, 90 * r)], [], r, sections=3, chunk_s=30.0)
+    plain = _chunks([(0, 90 * r)], [], r, chunk_s=30.0)
     assert [line.spans for line in plain] == [((0, 30 * r),), ((30 * r, 60 * r),), ((60 * r, 90 * r),)]
-
-
-def test_windows_end_at_the_furthest_chunk_end_they_reach(tiny_en):
-    """A part's window ends at a chunk's end, even where 30 s would reach further; after
-    a window that stopped short of its chunk's end, the next takes the rest of that
-    chunk and the next chunk too when both fit."""
-    from maxwhisper.spans import Joined
-    from maxwhisper.transcribe import _Stream
-
-    audio = np.zeros(70 * RATE, np.float32)
-    breaks = (12 * RATE, 40 * RATE, 60 * RATE)
-    stream = _Stream(tiny_en, Joined(audio, ((0, 70 * RATE),), breaks), tiny_en.tokenizer, None, None)
-    assert stream.window(3000)[0] == 1200
-    stream.seek = 1000  # 2 s short of the first chunk's end: the rest and the next chunk
-    assert stream.window(3000)[0] == 3000
-    stream.seek = 900  # 3 s short: both no longer fit, the rest alone
-    assert stream.window(3000)[0] == 300
-    stream.seek = 1200
-    assert stream.window(3000)[0] == 2800
-    stream.seek = 4000
-    assert stream.window(3000)[0] == 3000  # the last chunk and the end of the audio
-    stream.seek = 6500
-    assert stream.window(3000)[0] == 500
 
 
 def test_the_shipped_prebuilt_vad_graph_is_the_one_built_now():
