@@ -15,8 +15,8 @@ float32 (whisper.cpp: float16, its top precision on the CPU), and our --low-prec
 (q4_0, or amx_bf16 or amx_q4_0 on CPUs with Intel AMX, avx512_bf16 or avx512_q4_0 on
 CPUs with AVX-512 BF16) against faster-whisper's int8 and
 whisper.cpp's --whispercpp-type. Each system transcribes a 30 s
-clip first (warm-up), then the recording --repeats times (the median is its time); the
-load is not in the time.
+clip first (warm-up), then the recording --repeats times (the median is its time), in a
+process of its own; the load is not in the time.
 
 `--rss-hours` writes that many hours of generated audio (silence with low noise, one
 utterance a minute) as a 16-bit WAV file and transcribes it in a new process each: the
@@ -106,39 +106,57 @@ def _whispercpp(model: str, ftype: str, beam: int, threads: int):
     return transcriber(model, ftype, threads, beam)
 
 
+def _transcriber(kind: str, model: str, precision: str, batch: int | None, beam: int, threads: int):
+    if kind == "maxwhisper":
+        return _ours(model, precision, batch, beam if beam > 1 else None)
+    if kind == "faster-whisper":
+        return _faster_whisper(model, precision, batch, beam, threads)
+    return _whispercpp(model, precision, beam, threads)
+
+
+def _time(kind: str, model: str, precision: str, batch: int | None, beam: int, threads: int, minutes: float,
+          repeats: int) -> tuple[list[float], float]:
+    """One system's times (after a warm-up on the recording's first 30 s) and WER."""
+    audio, text = recording(minutes)
+    go = _transcriber(kind, model, precision, batch, beam, threads)
+    go(audio[: 30 * RATE])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = go(audio)
+        times.append(time.perf_counter() - t)
+    return times, wer(text, out)
+
+
 def run(model: str, minutes: float, batch: int, beam: int, threads: int, whispercpp: str = "q4_0",
         low: str = "q4_0", repeats: int = 1) -> dict:
-    """`low`: our precision in the low-precision class (q4_0, or an amx_ or avx512_ one)."""
+    """`low`: our precision in the low-precision class (q4_0, or an amx_ or avx512_ one).
+    Each system runs in a process of its own: a MAX model that has run in a process
+    slows the next one there, even once it is deleted (docs/benchmarks.md)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     audio, text = recording(minutes)
     lows = f"{low} / int8"
-    warm = audio[: 30 * RATE]
-    beam_ours = beam if beam > 1 else None
     systems = [
-        ("maxwhisper sequential", "float32", lambda: _ours(model, "float32", None, beam_ours)),
-        (f"maxwhisper batched (VAD, batch {batch})", "float32", lambda: _ours(model, "float32", batch, beam_ours)),
-        ("faster-whisper sequential", "float32", lambda: _faster_whisper(model, "float32", None, beam, threads)),
-        (f"faster-whisper BatchedInferencePipeline (batch {batch})", "float32",
-         lambda: _faster_whisper(model, "float32", batch, beam, threads)),
-        ("whisper.cpp sequential (fp16)", "float32", lambda: _whispercpp(model, "float16", beam, threads)),
-        ("maxwhisper sequential", lows, lambda: _ours(model, low, None, beam_ours)),
-        (f"maxwhisper batched (VAD, batch {batch})", lows, lambda: _ours(model, low, batch, beam_ours)),
-        ("faster-whisper sequential", lows, lambda: _faster_whisper(model, "int8", None, beam, threads)),
-        (f"faster-whisper BatchedInferencePipeline (batch {batch})", lows,
-         lambda: _faster_whisper(model, "int8", batch, beam, threads)),
-        (f"whisper.cpp sequential ({whispercpp})", lows,
-         lambda: _whispercpp(model, whispercpp, beam, threads)),
+        ("maxwhisper sequential", "float32", "maxwhisper", "float32", None),
+        (f"maxwhisper batched (VAD, batch {batch})", "float32", "maxwhisper", "float32", batch),
+        ("faster-whisper sequential", "float32", "faster-whisper", "float32", None),
+        (f"faster-whisper BatchedInferencePipeline (batch {batch})", "float32", "faster-whisper", "float32", batch),
+        ("whisper.cpp sequential (fp16)", "float32", "whisper.cpp", "float16", None),
+        ("maxwhisper sequential", lows, "maxwhisper", low, None),
+        (f"maxwhisper batched (VAD, batch {batch})", lows, "maxwhisper", low, batch),
+        ("faster-whisper sequential", lows, "faster-whisper", "int8", None),
+        (f"faster-whisper BatchedInferencePipeline (batch {batch})", lows, "faster-whisper", "int8", batch),
+        (f"whisper.cpp sequential ({whispercpp})", lows, "whisper.cpp", whispercpp, None),
     ]
     rows = []
-    for system, cls, make in systems:
+    for system, cls, kind, precision, batched in systems:
         try:
-            go = make()
-            go(warm)
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                out = go(audio)
-                times.append(time.perf_counter() - t)
-            rows.append(Row(system, cls, float(np.median(times)), wer(text, out), times=times))
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                times, error = pool.submit(_time, kind, model, precision, batched, beam, threads, minutes,
+                                           repeats).result()
+            rows.append(Row(system, cls, float(np.median(times)), error, times=times))
         except Exception as e:  # a peer that fails must not sink the others' figures
             rows.append(Row(system, cls, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
         print(f"{system} [{cls}]: {rows[-1]}", file=sys.stderr, flush=True)
