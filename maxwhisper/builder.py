@@ -548,9 +548,11 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
     (W,) and row_pads (B,) int64: how many of the first positions of each window's (and
     each row's window's) sequence are padding, not attended to, its positions counted
     after them (prompts of unequal lengths step together, padded at the start),
-    logits_at (K,) int64: the positions of T to give logits for, (B, K, V). The tokens
-    sit at positions N + P ...; the caller keeps N + P + T <= decoder.n_ctx (the runtime
-    checks it). Taps imply `alignment`.
+    logits_at (K,) int64: the positions of T to give logits for, (B, K, V), text_mask
+    (V,) float32: added to the logits for `text_mass` (0, or -inf where a token does not
+    count). The tokens sit at positions N + P ...; the caller keeps N + P + T <=
+    decoder.n_ctx (the runtime checks it). Taps imply `alignment`. The last two outputs
+    are `text_mass`'s, (B, K) each.
     """
     device, dtype = options.device, options.dtype
     dec = spec.decoder
@@ -566,7 +568,8 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
              TensorType(dtype, [L, "windows", "prefix", D], device),
              TensorType(DType.int64, ["windows"], device),
              TensorType(DType.int64, ["batch"], device),
-             TensorType(DType.int64, ["keep"], device)]
+             TensorType(DType.int64, ["keep"], device),
+             TensorType(DType.float32, [spec.vocab.n_vocab], device)]
     names, extra = ["logits", "self_k", "self_v"], []
     heads_by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(alignment_heads(spec)) if alignment else []:
@@ -576,7 +579,7 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
         block = _decoder_block(g, spec, options, alignment)  # first, as in encoder_graph
         w = Weights(g, spec, options)
         (tokens, order, self_k, self_v, cross_k, cross_v, prefix_k, prefix_v, pads, row_pads,
-         logits_at) = (v.tensor for v in g.inputs)
+         logits_at, text_mask) = (v.tensor for v in g.inputs)
         t, p, n = tokens.shape[1], self_k.shape[2], prefix_k.shape[2]
         x = embed_tokens(w, tokens) + ops.gather(w("decoder.positional_embedding"),
                                                  _positions(n + p, t, row_pads, device), axis=0)
@@ -597,8 +600,34 @@ def decoder_graph(spec: ModelSpec, options: GraphOptions = GraphOptions(), align
         if qks:
             names.append("alignment_qk")
             extra.append(ops.concat(qks, axis=1) if len(qks) > 1 else qks[0])
-        g.output(logits_head(w, spec, x, logits_at), ops.stack(new_k), ops.stack(new_v), *extra)
-    return g, names
+        logits = logits_head(w, spec, x, logits_at)
+        g.output(logits, ops.stack(new_k), ops.stack(new_v), *extra, *text_mass(logits, text_mask))
+    return g, names + ["text_top", "text_sum"]
+
+
+# Entries per partial sum in `text_mass`: float32 sums this short stray only a few units
+# of float32's rounding, however large the vocabulary.
+TEXT_SUM_BLOCK = 256
+
+
+def text_mass(logits: TensorValue, mask: TensorValue) -> tuple[TensorValue, TensorValue]:
+    """Each row's maximum (..., 1 dropped) of `logits + mask` (..., V) and the sum of
+    exp(entry - maximum) (-inf and 0 where a row is all -inf): the share of the softmax's
+    normalization that the logit rules (decoding.LogitRules) take or drop whole, summed
+    where the logits are, not on the host. The sum is of float32 sums of
+    TEXT_SUM_BLOCK entries each, so that its order is fixed, not the kernel's."""
+    x = logits + mask
+    top = ops.max(x, axis=-1)
+    e = ops.exp(x - top)
+    *lead, v = e.shape
+    whole = int(v) - int(v) % TEXT_SUM_BLOCK
+    blocks = ops.sum(e[..., :whole].reshape([*lead, whole // TEXT_SUM_BLOCK, TEXT_SUM_BLOCK]), axis=-1)
+    total = ops.sum(ops.squeeze(blocks, -1), axis=-1) + ops.sum(e[..., whole:], axis=-1)
+    # MAX's maximum of a row of -inf is float32's lowest finite value; the row's top
+    # entry alone adds 1 to the sum, so a sum of 0 marks a row with nothing in it.
+    none = total == ops.constant(0.0, DType.float32, total.device)
+    top = ops.where(none, ops.constant(float("-inf"), DType.float32, top.device), top)
+    return ops.squeeze(top, -1), ops.squeeze(total, -1)
 
 
 def select_graph(options: GraphOptions = GraphOptions(), module: Module | None = None) -> Graph:

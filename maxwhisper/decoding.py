@@ -234,6 +234,11 @@ class LogitRules:
         self.max_initial = (None if opts.max_initial_timestamp is None
                             else round(opts.max_initial_timestamp / 0.02))
         self.always, self.begin = self._masks()
+        # What counts towards the text mass (builder.text_mass) at the first sampled
+        # token and after it: the text tokens, less those the masks suppress.
+        not_text = np.zeros_like(self.always)
+        not_text[tok.eot:] = NEG_INF
+        self.text_masks = (self.always + self.begin + not_text, self.always + not_text)
 
     def _masks(self) -> tuple[np.ndarray, np.ndarray]:
         """The rules that need no sequence, as additive (V,) masks: what every step
@@ -253,17 +258,23 @@ class LogitRules:
             begin[tb + self.max_initial + 1:] = NEG_INF
         return always, begin
 
-    def __call__(self, logits: np.ndarray, tokens: list[list[int]]) -> LogProbs:
+    def __call__(self, logits: np.ndarray, tokens: list[list[int]],
+                 text: tuple[np.ndarray, np.ndarray] | None = None) -> LogProbs:
         """logits (B, V) for the next token after `tokens` (each row the full sequence)
         -> the filtered logits' log-probabilities. The rules suppress a row's text
         tokens (those before <|endoftext|>) all or none, so their share of the row's
         normalization is summed once, before the rules, and dropped where a rule
-        suppresses them; only the 1600-odd tokens after them are summed again."""
+        suppresses them; only the 1600-odd tokens after them are summed again. `text`:
+        that share, (maximum, sum) per row, as the step's graph gave it for the logits
+        plus `text_masks` (first: at the first sampled token); else summed here."""
         eot = self.tok.eot
         logits = logits + self.always
         if len(tokens[0]) == self.sample_begin:
             logits += self.begin
-        text_top, text_sum = _text_mass(logits[:, :eot])
+        if text is None:
+            text_top, text_sum = _text_mass(logits[:, :eot])
+        else:
+            text_top, text_sum = (np.asarray(a).reshape(len(logits)) for a in text)
         alive = np.isfinite(text_top)  # False: every text token is suppressed
         if not self.timestamps:
             return LogProbs.with_text(logits, eot, text_top, text_sum, alive)
@@ -451,8 +462,9 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
 
     # Logits at two positions only: <|startoftranscript|> (no-speech) and the last.
     # The prompt's K/V become the windows' shared prefix (runtime.DecoderState).
-    logits, state, _ = model.decode(np.array(prefixes, np.int64), model.start(cross_k, cross_v),
-                                    logits_at=[sot_index, -1], pads=pads)
+    logits, text_top, text_sum, state = model.decode_text(
+        np.array(prefixes, np.int64), model.start(cross_k, cross_v), rules.text_masks[0],
+        logits_at=[sot_index, -1], pads=pads)
     prompted = state
     no_speech = np.exp(log_softmax(logits[:, 0])[:, tok.no_speech])
     if group == 1 and opts.temperature == 0 and model.greedy_on_device and not any(pads):
@@ -465,10 +477,11 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
     window = np.repeat(np.arange(n_win), group)
     rows = _Rows(window, [list(prefixes[w]) for w in window], np.zeros(len(window)))
     logits, source = logits[window, -1], window
+    text = (text_top[window, -1], text_sum[window, -1])
     done: list[list[tuple[list[int], float]]] = [[] for _ in range(n_win)]
     cross_windows = np.arange(n_win)  # the window of each row of the state's cross K/V
     for step in range(sample_len):
-        logprobs = rules(logits, rows.tokens)
+        logprobs = rules(logits, rows.tokens, text)
         if opts.beam_size:
             nxt, keep = _beam_step(rows, logprobs, opts, tok.eot, done, max_candidates)
         else:
@@ -480,8 +493,8 @@ def decode(model: CompiledWhisper, tok: WhisperTokenizer, cross, opts: DecodingO
         if not np.array_equal(needed, cross_windows):  # a window finished, or groups became unequal
             state = model.windows(state, needed, of=prompted)
             cross_windows = needed
-        logits, state, _ = model.decode(nxt[:, None], state, order=order)
-        logits = logits[:, -1]
+        logits, text_top, text_sum, state = model.decode_text(nxt[:, None], state, rules.text_masks[1], order=order)
+        logits, text = logits[:, -1], (text_top[:, -1], text_sum[:, -1])
 
     _finish(rows, done, group, tok.eot)
     return _results(tok, done, sample_begin, no_speech, opts)

@@ -186,12 +186,25 @@ class CompiledWhisper:
         (a window's beams). `pads`, for a prompt pass from `start` with one row per
         window: how many of each row's first tokens are padding (prompts of unequal
         lengths, padded at the start to step together); they are never attended to."""
-        return self._step(self._decoder, tokens, state, order, logits_at, pads)
+        logits, state, taps, _ = self._step(self._decoder, tokens, state, order, logits_at, pads)
+        return logits, state, taps
+
+    def decode_text(self, tokens: np.ndarray, state: DecoderState, text_mask: np.ndarray, order=None,
+                    logits_at=None, pads=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, DecoderState]:
+        """`decode`, and with its logits (B, K, V) the mass of their text tokens, from the
+        step's graph (builder.text_mass): each row's maximum of `logits + text_mask` (B, K)
+        and the sum of exp(entry - maximum) (B, K); `text_mask` (V,) is 0 where a token
+        counts and -inf where not. Returns (logits, maximum, sum, state)."""
+        text_mask = np.asarray(text_mask, np.float32)
+        if text_mask.shape != (self.spec.vocab.n_vocab,):
+            raise ValueError(f"text_mask must have shape ({self.spec.vocab.n_vocab},), found {text_mask.shape}")
+        logits, state, _, (top, total) = self._step(self._decoder, tokens, state, order, logits_at, pads, text_mask)
+        return logits, top, total, state
 
     def align(self, tokens: np.ndarray, state: DecoderState) -> tuple[np.ndarray, np.ndarray]:
         """One pass of the alignment decoder over a state from `start`: logits (B, T, V)
         and the alignment heads' scaled cross-attention scores (B, heads, T, S)."""
-        logits, _, extra = self._step(self._alignment_decoder(), tokens, state, None, None)
+        logits, _, extra, _ = self._step(self._alignment_decoder(), tokens, state, None, None)
         return logits, extra[-1].to_numpy()
 
     def greedy(self, first_logits: np.ndarray, state: DecoderState, suppress: np.ndarray, begin: np.ndarray,
@@ -234,7 +247,7 @@ class CompiledWhisper:
                     self.spec, eot, timestamp_begin, self.options, module))
         return self._greedy
 
-    def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at, pads=None):
+    def _step(self, graph, tokens: np.ndarray, state: DecoderState, order, logits_at, pads=None, text_mask=None):
         tokens = np.asarray(tokens, dtype=np.int64)
         n_ctx, rows = self.spec.decoder.n_ctx, state.self_k.shape[1]
         windows = state.cross_k.shape[1]
@@ -262,15 +275,19 @@ class CompiledWhisper:
                 raise ValueError(f"pads are for a prompt pass from `start`, one per window, each below the "
                                  f"{t} tokens, found {pads.tolist()} for {tokens.shape[0]} rows")
             state = replace(state, pads=pads)
-        logits, k, v, *taps = graph.execute(self._put(tokens), self._put(order), state.self_k, state.self_v,
-                                            state.cross_k, state.cross_v, state.prefix_k, state.prefix_v,
-                                            self._put(state.pads), self._put(np.repeat(state.pads, tokens.shape[0] // windows)),
-                                            self._put(at % max(t, 1)))
+        if text_mask is None:
+            text_mask = np.zeros(self.spec.vocab.n_vocab, np.float32)
+        logits, k, v, *taps, top, total = graph.execute(
+            self._put(tokens), self._put(order), state.self_k, state.self_v, state.cross_k, state.cross_v,
+            state.prefix_k, state.prefix_v, self._put(state.pads),
+            self._put(np.repeat(state.pads, tokens.shape[0] // windows)), self._put(at % max(t, 1)),
+            self._put(text_mask))
+        mass = (top.to_numpy(), total.to_numpy())
         length = state.length + tokens.shape[1]
         if state.length == 0 and tokens.shape[0] == windows and np.array_equal(order, np.arange(windows)):
             # A prompt pass, one row per window: its K/V become the prefix that the
             # window's rows (beams, samples) share from here on.
             empty = Buffer.zeros((k.shape[0], windows, 0, k.shape[3]), self.dtype, self.device)
             return logits.to_numpy(), replace(state, self_k=empty, self_v=empty, prefix_k=k, prefix_v=v,
-                                              length=length), taps
-        return logits.to_numpy(), replace(state, self_k=k, self_v=v, length=length), taps
+                                              length=length), taps, mass
+        return logits.to_numpy(), replace(state, self_k=k, self_v=v, length=length), taps, mass

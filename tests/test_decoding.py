@@ -147,6 +147,41 @@ def test_logit_rules_equal_openai_filters(en_tokenizers, seed, without_timestamp
         np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("without_timestamps", [False, True])
+def test_the_steps_text_mass_is_the_hosts(tiny_en, without_timestamps):
+    """The text mass that the decoder step's graph gives (builder.text_mass) is the
+    host's summation of the same masked logits, and the rules' log-probabilities are
+    the same whichever summed it: at the first sampled token (its mask suppresses every
+    text token where timestamps are on) and after it, for a window of speech."""
+    from helpers import speech_clips
+    from maxwhisper.audio import Spectrogram, load_audio, pad_or_trim
+
+    rt, tok = tiny_en.runtime, tiny_en.tokenizer
+    a = tiny_en.spec.audio
+    mel = pad_or_trim(Spectrogram(load_audio(next(iter(speech_clips()))), a).mel(0, a.n_frames), a.n_frames)
+    _, ck, cv = rt.encode(mel[None])[:3]
+    opts = DecodingOptions(without_timestamps=without_timestamps)
+    prompt = decoding.initial_tokens(tok, opts)
+    rules = decoding.LogitRules(tok, opts, len(prompt))
+    first, top, total, state = rt.decode_text(np.array([prompt]), rt.start(ck, cv), rules.text_masks[0],
+                                              logits_at=[-1])
+    nxt = int(np.argmax(first[0, -1] + rules.always + rules.begin))
+    later, top2, total2, _ = rt.decode_text(np.array([[nxt]]), state, rules.text_masks[1])
+    for logits, mask, got_top, got_sum, tokens in ((first[:, -1], rules.text_masks[0], top, total, [prompt]),
+                                                   (later[:, -1], rules.text_masks[1], top2, total2, [prompt + [nxt]])):
+        want_top, want_sum = decoding._text_mass((logits + mask)[:, : tok.eot])
+        np.testing.assert_array_equal(got_top[:, -1], want_top)
+        counted = np.isfinite(want_top)
+        np.testing.assert_allclose(got_sum[counted, -1], want_sum[counted], rtol=1e-6)
+        here = rules(logits, tokens).columns(slice(None))
+        there = rules(logits, tokens, (got_top[:, -1], got_sum[:, -1])).columns(slice(None))
+        np.testing.assert_array_equal(np.isinf(here), np.isinf(there))
+        np.testing.assert_allclose(there[np.isfinite(here)], here[np.isfinite(here)], rtol=0, atol=1e-6)
+    if not without_timestamps:  # a window starts with a timestamp: no text token counts
+        assert np.isneginf(top[0, -1])
+    assert np.isfinite(top2[0, -1]) and total2[0, -1] >= 1.0
+
+
 def test_cross_rows_one_per_window_when_groups_are_equal():
     """Which cross K/V rows a step reads: a window's beams share its row; unequal or
     scattered groups (sampled rows that finished) get a row each."""
