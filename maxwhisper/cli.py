@@ -408,13 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record comes, not as it was when the
+    handler was made: `main` may run inside a process that swaps stderr between calls
+    (a test runner capturing it), and a stream it has closed must not receive notes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _show_progress_notes() -> None:
     """The library's notes (a cold compile starting and ending) on stderr."""
     log = logging.getLogger("maxwhisper")
-    if not any(getattr(h, "maxwhisper_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.maxwhisper_cli = True
-        log.addHandler(handler)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
     log.setLevel(logging.INFO)
 
 

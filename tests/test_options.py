@@ -43,3 +43,28 @@ def test_the_cli_reads_the_apis_defaults():
     assert tuple(args.temperature) == d.temperature
     # Beams and samples: openai-whisper's command line decodes with 5, its API with one.
     assert args.beam_size == args.best_of == CLI_SEARCH == 5 and d.beam_size is d.best_of is None
+
+
+def test_the_clis_notes_go_to_stderr_as_it_is_when_they_come(capsys):
+    """`main` may run more than once in a process whose stderr changes in between (a
+    test runner's capture): a note goes to the stderr of its moment, never to a stream
+    that has since been closed."""
+    import io
+    import logging
+    import sys
+
+    from maxwhisper.cli import _show_progress_notes
+
+    log = logging.getLogger("maxwhisper")
+    before = sys.stderr
+    sys.stderr = earlier = io.StringIO()
+    try:
+        _show_progress_notes()
+        log.info("maxwhisper: one")
+    finally:
+        sys.stderr = before
+    earlier.close()
+    _show_progress_notes()  # a second call adds no second handler
+    log.info("maxwhisper: two")
+    err = capsys.readouterr().err
+    assert err.count("maxwhisper: two") == 1 and "Logging error" not in err
