@@ -8,11 +8,8 @@ leave the batch instead of riding along."""
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,7 +132,7 @@ class LogProbs:
     def with_text(cls, logits: np.ndarray, n_text: int, text_top: np.ndarray, text_sum: np.ndarray,
                   alive: np.ndarray) -> LogProbs:
         """`of(logits)` where the first `n_text` entries of each row come summarized
-        (`_text_mass`; finite `text_top` where `alive`), or are all -inf where `alive`
+        (`_exp_sums`; finite `text_top` where `alive`), or are all -inf where `alive`
         is False. Only the rest of each row (V - n_text entries) is read here."""
         rest = logits[:, n_text:]
         top = np.max(rest, axis=-1)
@@ -156,26 +153,6 @@ def _exp_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         shifted = x - top[:, None]
         np.exp(shifted, out=shifted)
     return top, _row_sums(shifted)
-
-
-_ROWS_PER_THREAD = 8
-
-
-def _text_mass(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`_exp_sums` with the rows split over the CPU's cores: the exponentials are most
-    of a beam step's host time, and the cores that ran the decoder step sit idle
-    meanwhile."""
-    parts = min(len(x) // _ROWS_PER_THREAD, os.cpu_count() or 1)
-    if parts < 2:
-        return _exp_sums(x)
-    done = list(_thread_pool().map(_exp_sums, np.array_split(x, parts)))
-    return np.concatenate([top for top, _ in done]), np.concatenate([total for _, total in done])
-
-
-@functools.cache
-def _thread_pool() -> ThreadPoolExecutor:
-    # Threads start on first use only: a pool made twice in a race costs nothing.
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="maxwhisper-rules")
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -272,7 +249,7 @@ class LogitRules:
         if len(tokens[0]) == self.sample_begin:
             logits += self.begin
         if text is None:
-            text_top, text_sum = _text_mass(logits[:, :eot])
+            text_top, text_sum = _exp_sums(logits[:, :eot])
         else:
             text_top, text_sum = (np.asarray(a).reshape(len(logits)) for a in text)
         alive = np.isfinite(text_top)  # False: every text token is suppressed

@@ -169,7 +169,7 @@ def test_the_steps_text_mass_is_the_hosts(tiny_en, without_timestamps):
     later, top2, total2, _ = rt.decode_text(np.array([[nxt]]), state, rules.text_masks[1])
     for logits, mask, got_top, got_sum, tokens in ((first[:, -1], rules.text_masks[0], top, total, [prompt]),
                                                    (later[:, -1], rules.text_masks[1], top2, total2, [prompt + [nxt]])):
-        want_top, want_sum = decoding._text_mass((logits + mask)[:, : tok.eot])
+        want_top, want_sum = decoding._exp_sums((logits + mask)[:, : tok.eot])
         np.testing.assert_array_equal(got_top[:, -1], want_top)
         counted = np.isfinite(want_top)
         np.testing.assert_allclose(got_sum[counted, -1], want_sum[counted], rtol=1e-6)
