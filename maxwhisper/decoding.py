@@ -168,11 +168,11 @@ _PEAK_STRIDE = 64
 
 
 def largest(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices (B, k) of each row's k largest entries, in no order; ties broken as
-    argpartition breaks them. The row's columns are dealt into n interleaved sets and
-    each set's maximum taken (one pass, as a reduction over whole rows); the k-th largest
-    of these n maxima bounds the row's k-th largest entry from below, so only the sets
-    whose maximum reaches it are searched: a few hundred entries instead of the row."""
+    """Indices (B, k) of each row's k largest entries, in no order. The row's columns are
+    dealt into n interleaved sets and each set's maximum taken (one pass, as a reduction
+    over whole rows); the k-th largest of these n maxima bounds the row's k-th largest
+    entry from below, so only the sets whose maximum reaches it are searched: a few
+    hundred entries instead of the row, for all rows at once."""
     b, v = x.shape
     n = v // _PEAK_STRIDE
     if n <= k:
@@ -180,13 +180,18 @@ def largest(x: np.ndarray, k: int) -> np.ndarray:
     body = x[:, : n * _PEAK_STRIDE].reshape(b, _PEAK_STRIDE, n)
     peaks = body.max(axis=1)
     bar = np.partition(peaks, n - k, axis=-1)[:, n - k]
-    tail = np.arange(n * _PEAK_STRIDE, v)
-    out = np.empty((b, k), np.int64)
-    for r in range(b):
-        sets = np.flatnonzero(peaks[r] >= bar[r])
-        cols = np.concatenate([(np.arange(_PEAK_STRIDE)[:, None] * n + sets).ravel(), tail])
-        out[r] = cols[np.argpartition(-x[r, cols], k - 1)[:k]]
-    return out
+    # Each row's searched sets, padded to the most any row has with a set of its own
+    # that cannot win (its entries are read as -inf), then the row's tail columns.
+    hit = peaks >= bar[:, None]
+    width = int(hit.sum(axis=1).max())
+    sets = np.argsort(~hit, axis=1, kind="stable")[:, :width]                   # (B, width)
+    valid = np.take_along_axis(hit, sets, axis=1)
+    cols = (np.arange(_PEAK_STRIDE)[None, :, None] * n + sets[:, None, :]).reshape(b, -1)
+    cols = np.concatenate([cols, np.broadcast_to(np.arange(n * _PEAK_STRIDE, v), (b, v - n * _PEAK_STRIDE))], axis=1)
+    values = np.take_along_axis(x, cols, axis=1)
+    values[:, : _PEAK_STRIDE * width][~np.tile(valid, (1, _PEAK_STRIDE))] = -np.inf
+    pick = np.argpartition(-values, k - 1, axis=-1)[:, :k]
+    return np.take_along_axis(cols, pick, axis=1)
 
 
 def suppressed_tokens(tok: WhisperTokenizer, suppress: str | list[int] | None) -> list[int]:
@@ -238,14 +243,15 @@ class LogitRules:
     def __call__(self, logits: np.ndarray, tokens: list[list[int]],
                  text: tuple[np.ndarray, np.ndarray] | None = None) -> LogProbs:
         """logits (B, V) for the next token after `tokens` (each row the full sequence)
-        -> the filtered logits' log-probabilities. The rules suppress a row's text
-        tokens (those before <|endoftext|>) all or none, so their share of the row's
-        normalization is summed once, before the rules, and dropped where a rule
-        suppresses them; only the 1600-odd tokens after them are summed again. `text`:
+        -> the filtered logits' log-probabilities. The rules are applied to `logits` in
+        place: a copy of a step's logits costs more than the rules. They suppress a
+        row's text tokens (those before <|endoftext|>) all or none, so their share of
+        the row's normalization is summed once, before the rules, and dropped where a
+        rule suppresses them; only the 1600-odd tokens after them are summed again. `text`:
         that share, (maximum, sum) per row, as the step's graph gave it for the logits
         plus `text_masks` (first: at the first sampled token); else summed here."""
         eot = self.tok.eot
-        logits = logits + self.always
+        np.add(logits, self.always, out=logits)
         if len(tokens[0]) == self.sample_begin:
             logits += self.begin
         if text is None:
