@@ -275,16 +275,14 @@ class _Reader:
                 self.n = self._start + len(self._buf)
             else:
                 self._buf = np.concatenate([self._buf, block])
-        end = self._start + len(self._buf)
+        out = np.zeros(hi - lo, np.float32)
         if lo >= self._start:  # no reflection: the held samples, then zeros past the end
-            out = np.zeros(hi - lo, np.float32)
-            held = self._buf[lo - self._start: max(min(hi, end) - self._start, lo - self._start)]
+            held = self._buf[lo - self._start: hi - self._start]
             out[: held.size] = held
             return out
         idx = np.arange(lo, hi)
         idx = np.abs(idx)  # reflect: the sample at -k mirrors the one at k
-        out = np.zeros(hi - lo, np.float32)
-        inside = (idx >= self._start) & (idx < end)
+        inside = (idx >= self._start) & (idx < self._start + len(self._buf))
         out[inside] = self._buf[idx[inside] - self._start]
         return out
 
