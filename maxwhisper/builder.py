@@ -39,9 +39,10 @@ from .spec import SUBLAYER_PREFIX, ModelSpec
 # device (MAX's CPU compiler fuses it itself). "fused": MAX's flash-attention kernel
 # (`mo.mha.no_cache`), which exists for GPUs only.
 ATTENTION = ("unfused", "fused")
-# The decoder's cross-attention under the tiled precisions (kernels/cross_attention.mojo),
-# for up to this many queries per window; more (a prompt pass) go to MAX's matmuls,
-# which are faster there. It takes heads 64 wide, as every Whisper size has.
+# The decoder's cross-attention on the CPU with float32 activations
+# (kernels/cross_attention.mojo), for up to this many queries per window; more (a prompt
+# pass) go to MAX's matmuls, which are faster there. It takes heads 64 wide, as every
+# Whisper size has.
 CROSS_KERNEL, CROSS_KERNEL_QUERIES, CROSS_KERNEL_WIDTH = "maxwhisper_cross_attention", 16, 64
 
 
@@ -71,10 +72,16 @@ class GraphOptions:
         return self.precision.dtype
 
     @property
+    def cross_kernel(self) -> bool:
+        """Whether the decoder step's cross-attention is maxwhisper's kernel: on the CPU,
+        where the activations are float32."""
+        return self.device == DeviceRef.CPU() and self.dtype == DType.float32
+
+    @property
     def kernels(self) -> dict:
-        """The Graph keywords that load the custom kernels this precision calls (and that
-        its compile is given)."""
-        return {"custom_extensions": [kernel_package()]} if self.precision.tiled else {}
+        """The Graph keywords that load the custom kernels these graphs call (and that
+        their compile is given)."""
+        return {"custom_extensions": [kernel_package()]} if self.precision.tiled or self.cross_kernel else {}
 
 
 class Weights:
@@ -214,10 +221,10 @@ def _attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_hea
 def _cross_attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue, n_head: int) -> TensorValue:
     """The decoder's attention of each window's (W, G, D) queries over its (W, S, D) audio
     keys and values. A step's few queries per window (its beams) make it bound by
-    reading the keys and values: under the tiled precisions, which load maxwhisper's
-    kernels anyway, its cross-attention kernel reads them once, as they lie. A prompt
-    pass's many queries go to MAX's matmuls, faster there."""
-    if not w.options.precision.tiled or int(q.shape[2]) != CROSS_KERNEL_WIDTH * n_head:
+    reading the keys and values: on the CPU in float32, maxwhisper's cross-attention
+    kernel reads them once, as they lie. A prompt pass's many queries go to MAX's
+    matmuls, faster there."""
+    if not w.options.cross_kernel or int(q.shape[2]) != CROSS_KERNEL_WIDTH * n_head:
         return _attention(w, q, k, v, n_head)
     out = [TensorType(DType.float32, q.shape, q.device)]
 

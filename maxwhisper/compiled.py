@@ -79,8 +79,13 @@ def compiled_dir() -> Path:
 def module_hash(module: Module) -> str:
     """The module's MLIR text, hashed. The text numbers each graph's ops with a counter
     that runs on over the process (`{counter = N : i64}`): left out, so that one module
-    has one hash whatever was built before it."""
+    has one hash whatever was built before it. It names the kernel packages its graphs
+    load by path; only their file names count (kernel_package.py names a package by a
+    hash of its sources), so that a module has one hash wherever the cache lies, and a
+    prebuilt file (which holds the compiled kernels) serves every machine it fits."""
     text = re.sub(r"\{counter = \d+ : i64\}", "", str(module.mlir_module))
+    text = re.sub(r"_kernel_library_paths = \[[^\]]*\]",
+                  lambda m: re.sub(r'"[^"]*/([^"/]*)"', r'"\1"', m.group(0)), text)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

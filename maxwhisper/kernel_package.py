@@ -1,5 +1,6 @@
 """maxwhisper's Mojo kernels (kernels/) precompiled once into a `.mojoc` package in the
-cache, which the tiled precisions' graphs load.
+cache, which the CPU graphs load (the tiled precisions' products, the decoder's
+cross-attention).
 
 Given a folder of Mojo sources, MAX precompiles it anew for every graph that names it
 (seconds each, on every load); given a package it only reads it. The package is named

@@ -3,11 +3,13 @@ speech timestamps that faster-whisper's `VadOptions` describe.
 
 The network scores each 32 ms window (512 samples at 16 kHz, read with the 64 samples
 before it) for speech: a convolutional STFT, four conv1d layers with ReLU, an LSTM cell
-carried from window to window, and a 1x1 convolution with a sigmoid. Everything before
-the LSTM sees one window only, so it runs as one MAX graph over a block of windows at
-once (conv1d as im2col + matmul, as in builder.py); the LSTM, a (128 -> 512) product per
-window that depends on the window before, runs in numpy. The weights ship in
-`maxwhisper/assets` with Silero's license (tools/silero_vad_weights.py wrote them).
+carried from window to window, and a 1x1 convolution with a sigmoid. One MAX graph runs
+a block of windows: everything before the LSTM sees one window only, so it runs over
+the block at once (conv1d as im2col + matmul, as in builder.py); the LSTM, a (128 ->
+512) product per window that depends on the window before, is maxwhisper's kernel
+(kernels/vad_lstm.mojo), the windows in order; the head again over the block. The
+weights ship in `maxwhisper/assets` with Silero's license (tools/silero_vad_weights.py
+wrote them).
 """
 
 from __future__ import annotations
@@ -78,18 +80,22 @@ def _conv(w: dict, name: str, x, stride: int):
     return ops.relu(cols @ weight.transpose(0, 1) + w[f"{name}.bias"])
 
 
-def front_graph(shapes: dict[str, tuple[int, ...]], module):
-    """Windows (N, 576 + 2 * 128), reflected at both ends -> the LSTM's input projection
-    with both its biases, (N, 512)."""
+def vad_graph(shapes: dict[str, tuple[int, ...]], module):
+    """Windows (N, 576 + 2 * 128), reflected at both ends, and the LSTM's state (2, 128):
+    h and c before the first window -> each window's speech probability (N,) and the
+    state after the last."""
     from max.dtype import DType
     from max.graph import DeviceRef, Graph, TensorType, Weight, ops
 
+    from .kernel_package import kernel_package
+
     cpu = DeviceRef.CPU()
     width = WINDOW + CONTEXT + 2 * _PAD
-    with Graph("silero_vad_front", input_types=[TensorType(DType.float32, ["windows", width], cpu)],
-               module=module) as g:
+    with Graph("silero_vad", input_types=[TensorType(DType.float32, ["windows", width], cpu),
+                                          TensorType(DType.float32, [2, _HIDDEN], cpu)],
+               module=module, custom_extensions=[kernel_package()]) as g:
         w = {name: g.add_weight(Weight(name, DType.float32, shape, cpu)).tensor for name, shape in shapes.items()}
-        x = g.inputs[0].tensor
+        x, state = (v.tensor for v in g.inputs)
         # The STFT's first frame, centred on the reflection, is not used by the network.
         n_frames = (width - _N_FFT) // _HOP + 1
         frames = ops.stack([x[:, k * _HOP: k * _HOP + _N_FFT] for k in range(1, n_frames)], axis=1)
@@ -100,15 +106,18 @@ def front_graph(shapes: dict[str, tuple[int, ...]], module):
         for name, stride in _CONVS:
             h = _conv(w, name, h, stride)
         features = h.reshape([-1, _HIDDEN])  # the convolutions leave one frame per window
-        g.output(features @ w["lstm_cell.weight_ih"].transpose(0, 1)
-                 + (w["lstm_cell.bias_ih"] + w["lstm_cell.bias_hh"]))
+        gates = features @ w["lstm_cell.weight_ih"].transpose(0, 1) + (w["lstm_cell.bias_ih"] + w["lstm_cell.bias_hh"])
+        steps = ops.custom("maxwhisper_vad_lstm", cpu, [gates, w["lstm_cell.weight_hh"].transpose(0, 1), state],
+                           [TensorType(DType.float32, [gates.shape[0], 2 * _HIDDEN], cpu)])[0].tensor
+        head = w["final_conv.weight"].reshape([_HIDDEN, 1])
+        logits = ops.relu(steps[:, :_HIDDEN]) @ head + w["final_conv.bias"]
+        g.output(ops.sigmoid(logits).reshape([-1]), steps[-1].reshape([2, _HIDDEN]))
     return g
 
 
-def front_shapes(weights: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """The weights the graph binds (all but the recurrent matrix and the head), by shape."""
-    return {k: v.shape for k, v in weights.items()
-            if k.startswith(("stft", "conv", "lstm_cell.weight_ih", "lstm_cell.bias"))}
+def graph_shapes(weights: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The weights the graph binds, by shape."""
+    return {k: v.shape for k, v in weights.items()}
 
 
 class SileroVad:
@@ -122,20 +131,20 @@ class SileroVad:
         from safetensors.numpy import load_file
 
         from .compiled import compile_module
+        from .kernel_package import kernel_package
         from .runtime import _BUILD_LOCK
 
         self.weights = {k: np.ascontiguousarray(v, np.float32) for k, v in load_file(str(weights)).items()}
-        front = front_shapes(self.weights)
+        shapes = graph_shapes(self.weights)
         device = CPU()
         session = InferenceSession(devices=[device])
         with _BUILD_LOCK, ensure_default_mlir_context():
             module = Module()
-            graph = front_graph(front, module)
-            models = session.init_all(compile_module(session, module, "silero-vad-v6-cpu", device),
-                                      weights_registry={k: self.weights[k] for k in front})
-        self._front = models[graph.name]
+            graph = vad_graph(shapes, module)
+            models = session.init_all(compile_module(session, module, "silero-vad-v6-cpu", device,
+                                                     [kernel_package()]), weights_registry=self.weights)
+        self._model = models[graph.name]
         self._reflect = np.pad(np.arange(WINDOW + CONTEXT), _PAD, mode="reflect")
-        self._w_hh = self.weights["lstm_cell.weight_hh"].T.copy()
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """Speech probability (float32) of each 512-sample window of 16 kHz mono `audio`,
@@ -156,20 +165,10 @@ class SileroVad:
 
         count = (block.size - CONTEXT) // WINDOW
         rows = block[np.arange(count)[:, None] * WINDOW + self._reflect[None, :]]
-        gates_in = self._front.execute(Buffer.from_numpy(np.ascontiguousarray(rows)))[0].to_numpy()
-        w = self.weights
-        w_hh, head = self._w_hh, w["final_conv.weight"].reshape(-1)
-        h, c = state
-        hidden = np.empty((count, _HIDDEN), np.float32)
-        n = _HIDDEN
-        for t in range(count):  # one sigmoid over all four gates: fewer numpy calls a window
-            gates = gates_in[t] + h @ w_hh
-            s = _sigmoid(gates)
-            c = s[n: 2 * n] * c + s[:n] * np.tanh(gates[2 * n: 3 * n])
-            h = s[3 * n:] * np.tanh(c)
-            hidden[t] = h
-        logits = np.maximum(hidden, 0) @ head + w["final_conv.bias"][0]
-        return _sigmoid(logits).astype(np.float32), (h, c)
+        probs, after = self._model.execute(Buffer.from_numpy(np.ascontiguousarray(rows)),
+                                           Buffer.from_numpy(np.stack(state).astype(np.float32)))
+        after = after.to_numpy()
+        return probs.to_numpy().copy(), (after[0].copy(), after[1].copy())
 
 
 class VadStream:
@@ -200,10 +199,6 @@ class VadStream:
         if not self._pending.size:
             return np.zeros(0, np.float32)
         return self(np.zeros(WINDOW - self._pending.size, np.float32))
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 _DETECTOR: SileroVad | None = None

@@ -192,3 +192,55 @@ def test_one_module_one_hash_whatever_was_built_before():
     first = built()
     select_graph(GraphOptions(), Module())  # other graphs in between move the counter on
     assert built() == first
+
+
+def test_a_module_has_one_hash_wherever_its_kernel_package_lies(tmp_path):
+    """The graphs name their kernel package by path, and the path is the cache's: the
+    hash that names a file (and matches a prebuilt one, which holds the compiled kernels)
+    keeps the package's file name only, which its sources name."""
+    import shutil
+
+    from maxwhisper.kernel_package import kernel_package
+
+    spec = get_spec("micro-2dec")
+    here = kernel_package()
+    elsewhere = tmp_path / "other" / here.name
+    elsewhere.parent.mkdir()
+    shutil.copy(here, elsewhere)
+    renamed = tmp_path / "kernels_0123456789abcdef0123.mojoc"
+    shutil.copy(here, renamed)
+
+    def built(package) -> str:
+        module = Module()
+        from maxwhisper.builder import decoder_graph
+
+        options = GraphOptions()
+        assert options.cross_kernel  # the CPU's float32 step calls the kernels
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("maxwhisper.builder.kernel_package", lambda: package)
+            decoder_graph(spec, options, module=module)
+        assert str(package) in str(module.mlir_module)
+        return compiled.module_hash(module)
+
+    assert built(here) == built(elsewhere)
+    assert built(renamed) != built(here)
+
+
+def test_the_shipped_prebuilt_tiny_en_graphs_are_the_ones_built_now():
+    """A change to the graphs (or to the kernels they load, whose package name they hold)
+    must come with the prebuilt file rebuilt, else every fresh machine compiles them."""
+    from max._mlir_context import ensure_default_mlir_context
+
+    from maxwhisper.builder import decoder_graph, encoder_graph
+    from maxwhisper.spec import load_spec
+
+    spec, options = load_spec("tiny.en"), GraphOptions()
+    with ensure_default_mlir_context():
+        module = Module()
+        encoder_graph(spec, options, module)
+        decoder_graph(spec, options, module=module)
+        select_graph(options, module)
+        built = compiled.module_hash(module)
+    shipped = compiled.PREBUILT / "tiny.en-graphs-float32-unfused-cpu.json"
+    assert json.loads(shipped.read_text())["module"] == built
+    assert shipped.with_suffix(".mef").stat().st_size > 0

@@ -207,12 +207,12 @@ def test_the_shipped_prebuilt_vad_graph_is_the_one_built_now():
     from safetensors.numpy import load_file
 
     from maxwhisper.compiled import PREBUILT, module_hash
-    from maxwhisper.vad import WEIGHTS, front_graph, front_shapes
+    from maxwhisper.vad import WEIGHTS, graph_shapes, vad_graph
 
-    shapes = front_shapes(load_file(str(WEIGHTS)))
+    shapes = graph_shapes(load_file(str(WEIGHTS)))
     with ensure_default_mlir_context():
         module = Module()
-        front_graph(shapes, module)
+        vad_graph(shapes, module)
         built = module_hash(module)
     assert json.loads((PREBUILT / "silero-vad-v6-cpu.json").read_text())["module"] == built
     assert (PREBUILT / "silero-vad-v6-cpu.mef").stat().st_size > 0
