@@ -325,10 +325,13 @@ class Spectrogram:
     of up to `KEEP_FRAMES` frames keeps its log-mel from the first pass instead of
     reading the source twice).
 
-    The scale depends on the loudest frame of the whole audio, so construction reads the
-    source once (and refuses bad audio, naming it, before any decoding); windows read it
-    again from the start, in order. `source`: mono float32 samples at the spec's rate, or
-    an `AudioFile`."""
+    The scale depends on the loudest frame of the whole audio, so the log-mel is read
+    twice: once for the scale, then again from the start, a window at a time, in order.
+    A file's first pass runs at construction (it learns the length, and refuses bad
+    audio, naming it, before any decoding); an array's, whose length is known and which
+    `prepare` has checked, waits until the first window is read, so that a caller that
+    takes only the samples (the VAD's chunks) never computes it. `source`: mono float32
+    samples at the spec's rate, or an `AudioFile`."""
 
     # Frames (of log-mel, 1.3 KB each) up to which the first pass's are kept: two windows.
     KEEP_FRAMES = 6000
@@ -336,16 +339,26 @@ class Spectrogram:
     def __init__(self, source, spec: AudioSpec, block_frames: int = 4096):
         if not hasattr(source, "blocks"):
             source = np.asarray(source, dtype=np.float32).reshape(-1)
-        self.spec, self._source = spec, source
+        self.spec, self._source, self._block_frames = spec, source, block_frames
         if isinstance(source, np.ndarray):
             self._blocks = lambda: (source[i: i + BLOCK_SAMPLES] for i in range(0, max(len(source), 1), BLOCK_SAMPLES))
         else:
             self._blocks = source.blocks
+        self._floor = self._kept = self._reader = None
+        self.n_samples = source.size if isinstance(source, np.ndarray) else None
+        if self.n_samples is None:
+            self._scan()
+        self.total_frames = (self.n_samples + spec.n_samples) // spec.hop_length
+        self.content_frames = self.total_frames - spec.n_frames
+
+    def _scan(self) -> None:
+        """The first pass: the length, the loudest frame, and a short audio's frames."""
+        spec = self.spec
         hop, half = spec.hop_length, spec.n_fft // 2
         reader, peak, t0 = _Reader(self._blocks()), np.float32(-np.inf), 0
         kept: list[np.ndarray] | None = []
         while not reader.exhausted_before(t0 * hop - half):
-            t1 = t0 + block_frames
+            t1 = t0 + self._block_frames
             raw = _raw_log_mel(reader, t0, t1, spec)
             if reader.n is not None:  # frames past the end of the padded audio do not exist
                 raw = raw[:, : max(0, (reader.n + spec.n_samples) // hop - t0)]
@@ -358,12 +371,9 @@ class Spectrogram:
         # A short audio's frames are kept from this pass for the windows to read.
         self._kept = None if kept is None else np.concatenate(kept + [np.zeros((spec.n_mels, 0), np.float32)], 1)
         self.n_samples = reader.n  # zero only for arrays: files and `prepare` refuse empty audio
-        self.total_frames = (self.n_samples + spec.n_samples) // hop
-        if t0 < self.total_frames:  # frames of pure padding: log10 of the 1e-10 floor
+        if t0 < (self.n_samples + spec.n_samples) // hop:  # frames of pure padding: log10 of the 1e-10 floor
             peak = max(peak, np.float32(-10.0))
         self._floor = np.float32(peak - 8.0)
-        self.content_frames = self.total_frames - spec.n_frames
-        self._reader = None
 
     @property
     def duration(self) -> float:
@@ -391,6 +401,8 @@ class Spectrogram:
     def mel(self, seek: int, frames: int) -> np.ndarray:
         """(n_mels, frames) log-mel of frames [seek, seek + frames); later calls may not seek
         back further than this one (they may, at the cost of reading from the start)."""
+        if self._floor is None:
+            self._scan()
         frames = max(0, min(frames, self.total_frames - seek))
         if self._kept is not None:
             out = np.empty((self.spec.n_mels, frames), np.float32)

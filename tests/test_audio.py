@@ -67,6 +67,24 @@ def test_block_size_does_not_change_the_mel():
     np.testing.assert_array_equal(log_mel_spectrogram(x, AUDIO), log_mel_spectrogram(x, AUDIO, block_frames=7))
 
 
+def test_an_arrays_spectrogram_computes_no_log_mel_until_a_window_is_read(monkeypatch):
+    """The VAD's chunks take an array's samples only: its scale pass must not run for them."""
+    from maxwhisper import audio
+    from maxwhisper.audio import Spectrogram
+
+    x = np.tile(load_audio(CLIP), 4)
+    computed = []
+    real = audio._log10_mel
+    monkeypatch.setattr(audio, "_log10_mel", lambda seg, spec: computed.append(seg.size) or real(seg, spec))
+    s = Spectrogram(x, AUDIO)
+    assert s.n_samples == x.size and s.content_frames == x.size // AUDIO.hop_length
+    np.testing.assert_array_equal(s.samples(100, 500), x[100 * AUDIO.hop_length: 600 * AUDIO.hop_length])
+    assert not computed
+    np.testing.assert_array_equal(s.mel(0, AUDIO.n_frames),
+                                  log_mel_spectrogram(x, AUDIO, padding=AUDIO.n_samples)[:, : AUDIO.n_frames])
+    assert computed
+
+
 @pytest.mark.parametrize("seconds", [0.01, 7.3, 29.9, 45.0, 75.0])
 def test_spectrogram_windows_equal_the_whole_log_mel(seconds):
     """A `Spectrogram`'s windows are the log-mel of the audio and a window of silence,
@@ -78,9 +96,9 @@ def test_spectrogram_windows_equal_the_whole_log_mel(seconds):
     x = np.tile(clip, int(seconds * AUDIO.sample_rate) // clip.size + 1)[: int(seconds * AUDIO.sample_rate)]
     whole = log_mel_spectrogram(x, AUDIO, padding=AUDIO.n_samples)
     s = Spectrogram(x, AUDIO)
-    assert (s._kept is not None) == (seconds < 30)
     for seek in range(0, s.content_frames + 1, 1234):
         np.testing.assert_array_equal(s.mel(seek, AUDIO.n_frames), whole[:, seek: seek + AUDIO.n_frames])
+    assert (s._kept is not None) == (seconds < 30)
     tail = s.content_frames + AUDIO.n_frames - 5
     np.testing.assert_array_equal(s.mel(tail, 20), whole[:, tail:])
 
