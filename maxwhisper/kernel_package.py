@@ -35,15 +35,25 @@ def sources_hash(source: Path) -> str:
     return digest.hexdigest()
 
 
+def kernels_dir() -> Path:
+    """Where precompiled packages are kept: `$MAXWHISPER_KERNELS`, else the cache's
+    `kernels/`. The graphs name their package by path, and MAX's own compile cache keys
+    on the graphs' text: a folder that stays put lets it serve them again, while a
+    package's name, made by its sources, keeps it from serving stale code (tests keep
+    their cache in a new folder each run, the kernels in one that stays)."""
+    folder = os.environ.get("MAXWHISPER_KERNELS")
+    return Path(folder) if folder else cache_dir() / "kernels"
+
+
 def kernel_package(source: Path = KERNELS) -> Path:
     """The precompiled package of the kernels in `source`, built on first use. Where the
-    cache cannot be written, the source folder itself (MAX then precompiles it per graph)."""
-    return _package(Path(source), cache_dir())
+    folder cannot be written, the source folder itself (MAX then precompiles it per graph)."""
+    return _package(Path(source), kernels_dir())
 
 
 @functools.cache
-def _package(source: Path, cache: Path) -> Path:
-    path = cache / "kernels" / f"kernels_{sources_hash(source)[:20]}.mojoc"
+def _package(source: Path, folder: Path) -> Path:
+    path = folder / f"kernels_{sources_hash(source)[:20]}.mojoc"
     if path.is_file():
         return path
     from mojo.run import subprocess_run_mojo
@@ -62,7 +72,7 @@ def _package(source: Path, cache: Path) -> Path:
         done = subprocess_run_mojo(["precompile", str(source), "-o", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
             raise KernelBuildError(f"maxwhisper: the Mojo compiler refused the kernels in {source}:\n"
-                                   f"{(done.stderr or done.stdout)[-3000:]}")
+                                   f"{_errors(done.stderr or done.stdout)}")
         os.replace(out, path)
     finally:
         out.unlink(missing_ok=True)
@@ -71,3 +81,13 @@ def _package(source: Path, cache: Path) -> Path:
         except OSError:
             pass
     return path
+
+
+def _errors(output: str, limit: int = 3000) -> str:
+    """The compiler's error lines, each with the two lines after it (the source and its
+    marker); its warnings, which can run to many kilobytes, left out. Its last lines
+    where it names no error."""
+    lines = output.splitlines()
+    picked = [i + k for i, line in enumerate(lines) if ": error:" in line for k in range(3) if i + k < len(lines)]
+    text = "\n".join(lines[i] for i in dict.fromkeys(picked)) if picked else output
+    return text[:limit] if picked else text[-limit:]

@@ -10,9 +10,14 @@ from helpers import PARITY_ROWS, PRECISION_ROWS, WER_ROWS, WORD_ROWS, real_model
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """A private cache (converted weights, compiled models) for the whole test run, so
-    tests never depend on the user's, nor write to it."""
+    tests never depend on the user's, nor write to it. The precompiled kernels go to a
+    folder of their own that outlives the run: the graphs hold its path, so MAX's compile
+    cache serves them again in the next run (kernel_package.kernels_dir)."""
     import os
+    import tempfile
+    from pathlib import Path
 
+    os.environ.setdefault("MAXWHISPER_KERNELS", str(Path(tempfile.gettempdir()) / f"maxwhisper-test-kernels-{os.getuid()}"))
     path = tmp_path_factory.mktemp("maxwhisper-cache")
     old = os.environ.get("MAXWHISPER_CACHE")
     os.environ["MAXWHISPER_CACHE"] = str(path)

@@ -18,6 +18,12 @@ def sources(tmp_path):
     return copy
 
 
+@pytest.fixture(autouse=True)
+def no_kernels_folder(monkeypatch):
+    """The packages in the cache, as by default (the test run names a folder of its own)."""
+    monkeypatch.delenv("MAXWHISPER_KERNELS", raising=False)
+
+
 def test_built_once_then_read_and_rebuilt_when_a_source_changes(sources, tmp_path, monkeypatch):
     monkeypatch.setenv("MAXWHISPER_CACHE", str(tmp_path / "cache"))
     first = kp.kernel_package(sources)
@@ -47,3 +53,11 @@ def test_an_unwritable_cache_falls_back_to_the_sources(sources, tmp_path, monkey
     blocker.write_text("")
     monkeypatch.setenv("MAXWHISPER_CACHE", str(blocker))  # a file where the cache folder should be
     assert kp.kernel_package(sources) == sources
+
+
+def test_maxwhisper_kernels_names_the_folder(sources, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAXWHISPER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAXWHISPER_KERNELS", str(tmp_path / "kept"))
+    built = kp.kernel_package(sources)
+    assert built.parent == tmp_path / "kept" and built.is_file()
+    assert not (tmp_path / "cache" / "kernels").exists()
