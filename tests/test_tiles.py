@@ -192,10 +192,11 @@ def test_cross_attention_kernel_equals_softmax_attention(windows, queries, keys,
     assert err < 1e-5, err
 
 
-def test_the_tiled_step_calls_the_cross_attention_kernel_for_few_queries():
-    """Under a tiled precision the decoder step's cross-attention is the kernel, chosen by
-    the queries a window has (a prompt pass's many take MAX's matmuls); the greedy
-    loop's one query per window takes it with no choice; untiled graphs never call it."""
+def test_cpu_steps_in_float32_call_the_cross_attention_kernel_for_few_queries():
+    """On the CPU with float32 activations (the tiled precisions, float32, q4_0) the
+    decoder step's cross-attention is the kernel, chosen by the queries a window has (a
+    prompt pass's many take MAX's matmuls); the greedy loop's one query per window takes
+    it with no choice; graphs in float16 or bfloat16 never call it."""
     from max.graph import Module
 
     from maxwhisper.builder import CROSS_KERNEL, GraphOptions, decoder_graph
@@ -209,13 +210,16 @@ def test_the_tiled_step_calls_the_cross_attention_kernel_for_few_queries():
     spec = get_spec("tiny.en")
     step = lambda o, m: decoder_graph(spec, o, module=m)
     loop = lambda o, m: greedy_graph(spec, 50256, 50363, o, m)
-    tiled, plain = text(step, "avx512_q4_0"), text(step, "float32")
+    tiled = text(step, "avx512_q4_0")
     # One call in the block; two choices there: the prefix's product, and the kernel or
     # MAX's matmuls (tiled products choose nothing).
     assert tiled.count(CROSS_KERNEL) == 1 and tiled.count("mo.if") == 2
-    assert CROSS_KERNEL not in plain
-    assert text(loop, "avx512_q4_0").count(CROSS_KERNEL) == spec.decoder.n_layer
-    assert CROSS_KERNEL not in text(loop, "float32")
+    for name in ("float32", "q4_0"):
+        assert text(step, name).count(CROSS_KERNEL) == 1, name
+    assert CROSS_KERNEL not in text(step, "bfloat16")
+    for name in ("avx512_q4_0", "float32"):
+        assert text(loop, name).count(CROSS_KERNEL) == spec.decoder.n_layer, name
+    assert CROSS_KERNEL not in text(loop, "float16")
 
 
 @pytest.mark.parametrize("bf16, q4_0", [("amx_bf16", "amx_q4_0"), ("avx512_bf16", "avx512_q4_0")])
