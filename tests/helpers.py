@@ -201,3 +201,23 @@ def openai_peer(name: str):
         model.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
         _OPENAI[name] = model
     return _OPENAI[name]
+
+
+def assert_prebuilt_is_built_now(label: str, build) -> None:
+    """The shipped prebuilt file `label` (maxwhisper/prebuilt) holds the module that
+    `build(module)` makes now, and is there: a change to the graphs (or to the kernels
+    they load, whose package they name) must come with the file rebuilt, else every
+    fresh machine compiles it."""
+    import json
+
+    from max._mlir_context import ensure_default_mlir_context
+    from max.graph import Module
+
+    from maxwhisper.compiled import PREBUILT, module_hash
+
+    with ensure_default_mlir_context():
+        module = Module()
+        build(module)
+        built = module_hash(module)
+    assert json.loads((PREBUILT / f"{label}.json").read_text())["module"] == built
+    assert (PREBUILT / f"{label}.mef").stat().st_size > 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import joined, speech_clips
+from helpers import assert_prebuilt_is_built_now, joined, speech_clips
 from maxwhisper import TranscribeOptions
 from maxwhisper.spans import Timeline, parse_clip_timestamps
 from maxwhisper.vad import CONTEXT, WINDOW, VadOptions, detector, speech_timestamps
@@ -200,22 +200,12 @@ def test_speech_is_cut_into_chunks_at_pauses():
 def test_the_shipped_prebuilt_vad_graph_is_the_one_built_now():
     """A change to the graph must come with its prebuilt file rebuilt (else every fresh
     machine compiles it, minutes on 2 cores)."""
-    import json
-
-    from max._mlir_context import ensure_default_mlir_context
-    from max.graph import Module
     from safetensors.numpy import load_file
 
-    from maxwhisper.compiled import PREBUILT, module_hash
     from maxwhisper.vad import WEIGHTS, graph_shapes, vad_graph
 
     shapes = graph_shapes(load_file(str(WEIGHTS)))
-    with ensure_default_mlir_context():
-        module = Module()
-        vad_graph(shapes, module)
-        built = module_hash(module)
-    assert json.loads((PREBUILT / "silero-vad-v6-cpu.json").read_text())["module"] == built
-    assert (PREBUILT / "silero-vad-v6-cpu.mef").stat().st_size > 0
+    assert_prebuilt_is_built_now("silero-vad-v6-cpu", lambda module: vad_graph(shapes, module))
 
 
 def test_decoding_options_are_checked_before_the_vad_runs(tiny_en, monkeypatch):
