@@ -44,6 +44,10 @@ ATTENTION = ("unfused", "fused")
 # pass) go to MAX's matmuls, which are faster there. It takes heads 64 wide, as every
 # Whisper size has.
 CROSS_KERNEL, CROSS_KERNEL_QUERIES, CROSS_KERNEL_WIDTH = "maxwhisper_cross_attention", 16, 64
+# Matrix products of few rows (a decoder step's) on the CPU in float32
+# (kernels/rows_matmul.mojo), for up to this many rows; more go to MAX's matmul, which
+# is as fast or faster there. It takes inputs in multiples of 16, as every Whisper size has.
+ROWS_KERNEL, ROWS_KERNEL_MAX, ROWS_KERNEL_STEP = "maxwhisper_rows_matmul", 64, 16
 
 
 def check_attention(attention: str, device: DeviceRef) -> str:
@@ -72,16 +76,16 @@ class GraphOptions:
         return self.precision.dtype
 
     @property
-    def cross_kernel(self) -> bool:
-        """Whether the decoder step's cross-attention is maxwhisper's kernel: on the CPU,
-        where the activations are float32."""
+    def float32_kernels(self) -> bool:
+        """Whether the decoder step's cross-attention and its float32 matrix products of
+        few rows are maxwhisper's kernels: on the CPU, where the activations are float32."""
         return self.device == DeviceRef.CPU() and self.dtype == DType.float32
 
     @property
     def kernels(self) -> dict:
         """The Graph keywords that load the custom kernels these graphs call (and that
         their compile is given)."""
-        return {"custom_extensions": [kernel_package()]} if self.precision.tiled or self.cross_kernel else {}
+        return {"custom_extensions": [kernel_package()]} if self.precision.tiled or self.float32_kernels else {}
 
 
 class Weights:
@@ -121,7 +125,7 @@ class Weights:
         if self.prefix + name in self.tiled:
             return self._tiled_matmul(x, name)
         if self.prefix + name not in self.quantized:
-            return _matmul(x, self(name), self.options.single_row)
+            return _matmul(x, self(name), self.options.single_row, self.options.float32_kernels)
         n_out, n_in = self.manifest[self.prefix + name].shape
         *lead, _ = x.shape
         blocks = self._declare(name + Q4_0_SUFFIX, DType.uint8, (q4_0_rows(n_out), n_in // Q4_0_BLOCK * Q4_0_BYTES),
@@ -140,27 +144,38 @@ class Weights:
         return (y if width == n_out else y[:, :n_out]).reshape([*lead, n_out])
 
 
-def _matmul(x: TensorValue, w: TensorValue, single_row: bool = True) -> TensorValue:
+def _matmul(x: TensorValue, w: TensorValue, single_row: bool = True, rows_kernel: bool = False) -> TensorValue:
     """x (..., in) @ w.T for w (out, in), as one 2-D product. MAX 26.7's CPU matmul of a
     3-D activation with a symbolic batch, fed by fused ops (the conv stem's im2col),
     accumulated bfloat16 in bfloat16: conv1 strayed 2.7e-2 from float32 against 3.8e-3
     flattened (the rounding of its inputs), and the encoder 2.2e-1 by its last block.
 
-    On the CPU a single row (a greedy step of one window) goes through w @ x.T instead:
-    MAX takes its matrix-vector kernel over w's contiguous rows, 1.7x faster for the
-    tiny.en logits, while for two rows or more that form is slower than x @ w.T.
-    `single_row=False` leaves that choice out of the graph."""
+    On the CPU the rows' count chooses the product where it is not known when the graph
+    is built (a decoder step's): a single row (a greedy step of one window) goes through
+    w @ x.T, MAX's matrix-vector kernel over w's contiguous rows, while for two rows or
+    more that form is slower than x @ w.T. With `rows_kernel` (float32), 2 to
+    ROWS_KERNEL_MAX rows go to maxwhisper's kernel, which reads w's rows as they lie,
+    and more rows (a prompt pass) take w @ x.T too: MAX 26.7 loses a custom op's chain in
+    a choice within a choice, so there are two branches, and the prompt's products are
+    the ones where the slower form costs least. `single_row=False` leaves the choice out
+    of the graph."""
     *lead, n_in = x.shape
     x = x.reshape([-1, n_in])
     n_out = w.shape[0]
     rows = x.shape[0]
-    if not single_row or x.device != DeviceRef.CPU() or any(isinstance(d, StaticDim) and int(d) > 1 for d in lead):
-        y = x @ w.transpose(0, 1)
+    cpu = DeviceRef.CPU()
+    if not single_row or x.device != cpu or any(isinstance(d, StaticDim) and int(d) > 1 for d in lead):
+        return (x @ w.transpose(0, 1)).reshape([*lead, n_out])
+    out = [TensorType(x.dtype, [rows, n_out], cpu)]
+    count = ops.shape_to_tensor([rows]).reshape([])
+    if rows_kernel and int(n_in) % ROWS_KERNEL_STEP == 0 and x.dtype == w.dtype == DType.float32:
+        few = ops.logical_and(count > ops.constant(1, DType.int64, cpu),
+                              count <= ops.constant(ROWS_KERNEL_MAX, DType.int64, cpu))
+        y = ops.cond(few, out, lambda: ops.custom(ROWS_KERNEL, cpu, [x, w], out)[0].tensor,
+                     lambda: (w @ x.transpose(0, 1)).transpose(0, 1))[0].tensor
     else:
-        one_row = ops.shape_to_tensor([rows]).reshape([]) == ops.constant(1, DType.int64, DeviceRef.CPU())
-        y = ops.cond(one_row, [TensorType(x.dtype, [rows, n_out], DeviceRef.CPU())],
-                     lambda: (w @ x.transpose(0, 1)).transpose(0, 1),
-                     lambda: x @ w.transpose(0, 1))[0].tensor
+        y = ops.cond(count == ops.constant(1, DType.int64, cpu), out,
+                     lambda: (w @ x.transpose(0, 1)).transpose(0, 1), lambda: x @ w.transpose(0, 1))[0].tensor
     return y.reshape([*lead, n_out])
 
 
@@ -224,7 +239,7 @@ def _cross_attention(w: Weights, q: TensorValue, k: TensorValue, v: TensorValue,
     reading the keys and values: on the CPU in float32, maxwhisper's cross-attention
     kernel reads them once, as they lie. A prompt pass's many queries go to MAX's
     matmuls, faster there."""
-    if not w.options.cross_kernel or int(q.shape[2]) != CROSS_KERNEL_WIDTH * n_head:
+    if not w.options.float32_kernels or int(q.shape[2]) != CROSS_KERNEL_WIDTH * n_head:
         return _attention(w, q, k, v, n_head)
     out = [TensorType(DType.float32, q.shape, q.device)]
 

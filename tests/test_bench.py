@@ -144,6 +144,18 @@ def test_the_cross_attention_benchmark_builds_both_forms_at_a_steps_shapes():
         assert [int(d) for d in g.output_types[0].shape] == [windows, queries, width]
 
 
+def test_the_rows_matmul_benchmark_builds_both_forms_at_a_steps_shapes():
+    """benchmarks/rows_matmul.py: the kernel and MAX's product build (no compile here)
+    for one row and for a step's many, with the product's shape."""
+    from benchmarks import rows_matmul
+
+    for kind in ("kernel", "max"):
+        for rows in (1, 40):
+            g = rows_matmul.graph(kind, rows, n_out := 1536, n_in := 384)
+            assert [int(d) for d in g.inputs[1].tensor.shape] == [n_out, n_in]
+            assert [int(d) for d in g.output_types[0].shape] == [rows, n_out]
+
+
 def test_the_streaming_benchmark_counts_the_streams_that_hold_every_bound():
     from benchmarks.streaming import holding
 

@@ -215,7 +215,7 @@ def test_a_module_has_one_hash_wherever_its_kernel_package_lies(tmp_path):
         from maxwhisper.builder import decoder_graph
 
         options = GraphOptions()
-        assert options.cross_kernel  # the CPU's float32 step calls the kernels
+        assert options.float32_kernels  # the CPU's float32 step calls the kernels
         with pytest.MonkeyPatch.context() as m:
             m.setattr("maxwhisper.builder.kernel_package", lambda: package)
             decoder_graph(spec, options, module=module)

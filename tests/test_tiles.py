@@ -222,6 +222,60 @@ def test_cpu_steps_in_float32_call_the_cross_attention_kernel_for_few_queries():
     assert CROSS_KERNEL not in text(loop, "float16")
 
 
+@pytest.mark.parametrize("rows, n, k", [(2, 1, 16), (5, 4, 64), (6, 1003, 384), (13, 37, 512), (64, 130, 1536)])
+def test_rows_matmul_kernel_equals_the_float64_product(rows, n, k):
+    """The decoder step's float32 product of few rows against float64: rows past a
+    multiple of the kernel's blocks of 6, outputs past its blocks of 4 (the last
+    thread's remainder), one output, the widths of tiny to base and an MLP's. It needs
+    no special instructions, so it runs on every CPU."""
+    from max.driver import CPU, Buffer
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, TensorType, ops
+
+    from maxwhisper.builder import ROWS_KERNEL, ROWS_KERNEL_MAX
+
+    assert rows <= ROWS_KERNEL_MAX
+    cpu = DeviceRef.CPU()
+    types = [TensorType(DType.float32, shape, cpu) for shape in ((rows, k), (n, k))]
+    with Graph(f"rows_{rows}_{n}_{k}", input_types=types, custom_extensions=[kernel_package()]) as g:
+        g.output(ops.custom(ROWS_KERNEL, cpu, [v.tensor for v in g.inputs],
+                            [TensorType(DType.float32, [rows, n], cpu)])[0])
+    model = InferenceSession(devices=[CPU()]).load(g)
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((rows, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    got = model.execute(Buffer.from_numpy(x), Buffer.from_numpy(w))[0].to_numpy()
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    err = np.abs(got - want).max() / np.abs(want).max()
+    # float32's rounding (measured about 1e-7); a row or column out of place gives ~1.
+    assert err < 1e-5, err
+
+
+def test_cpu_steps_in_float32_call_the_rows_kernel_for_their_float32_products():
+    """On the CPU in float32 every matrix product of a decoder step goes to the rows
+    kernel (the block's eight and the vocabulary's), chosen by the rows' count (one row
+    and a prompt pass's many take MAX's); q4_0's step has no float32 product left, the
+    encoder's rows are known to be many, the greedy loop makes no choice, and float16
+    and bfloat16 graphs never call it."""
+    from max.graph import Module
+
+    from maxwhisper.builder import ROWS_KERNEL, GraphOptions, decoder_graph, encoder_graph
+    from maxwhisper.loop import greedy_graph
+
+    def text(build, name):
+        module = Module()
+        build(GraphOptions(precision.PRECISIONS[name]), module)
+        return str(module.mlir_module)
+
+    spec = get_spec("tiny.en")
+    step = lambda o, m: decoder_graph(spec, o, module=m)
+    assert text(step, "float32").count(ROWS_KERNEL) == 8 + 1
+    for name in ("q4_0", "bfloat16", "avx512_q4_0"):
+        assert ROWS_KERNEL not in text(step, name), name
+    assert ROWS_KERNEL not in text(lambda o, m: encoder_graph(spec, o, m), "float32")
+    assert ROWS_KERNEL not in text(lambda o, m: greedy_graph(spec, 50256, 50363, o, m), "float32")
+
+
 @pytest.mark.parametrize("bf16, q4_0", [("amx_bf16", "amx_q4_0"), ("avx512_bf16", "avx512_q4_0")])
 def test_tiled_q4_0_quantizes_q4_0s_matrices_and_tiles_the_rest(tiny_en, bf16, q4_0):
     spec = tiny_en.spec
