@@ -44,9 +44,9 @@ ATTENTION = ("unfused", "fused")
 # pass) go to MAX's matmuls, which are faster there. It takes heads 64 wide, as every
 # Whisper size has.
 CROSS_KERNEL, CROSS_KERNEL_QUERIES, CROSS_KERNEL_WIDTH = "maxwhisper_cross_attention", 16, 64
-# Matrix products of few rows (a decoder step's) on the CPU in float32
-# (kernels/rows_matmul.mojo), for up to this many rows; more go to MAX's matmul, which
-# is as fast or faster there. It takes inputs in multiples of 16, as every Whisper size has.
+# Matrix products of a few rows (a decoder step's) on the CPU in float32
+# (kernels/rows_matmul.mojo), from 2 rows to this many; one row and more rows go to MAX's
+# matmul (`_matmul`). It takes inputs in multiples of 16, as every Whisper size has.
 ROWS_KERNEL, ROWS_KERNEL_MAX, ROWS_KERNEL_STEP = "maxwhisper_rows_matmul", 64, 16
 
 
