@@ -192,34 +192,38 @@ def test_cross_attention_kernel_equals_softmax_attention(windows, queries, keys,
     assert err < 1e-5, err
 
 
+def _graph_text(build, name: str) -> str:
+    """The MLIR text of the graphs `build(options, module)` makes in precision `name`."""
+    from max.graph import Module
+
+    from maxwhisper.builder import GraphOptions
+
+    module = Module()
+    build(GraphOptions(precision.PRECISIONS[name]), module)
+    return str(module.mlir_module)
+
+
 def test_cpu_steps_in_float32_call_the_cross_attention_kernel_for_few_queries():
     """On the CPU with float32 activations (the tiled precisions, float32, q4_0) the
     decoder step's cross-attention is the kernel, chosen by the queries a window has (a
     prompt pass's many take MAX's matmuls); the greedy loop's one query per window takes
     it with no choice; graphs in float16 or bfloat16 never call it."""
-    from max.graph import Module
-
-    from maxwhisper.builder import CROSS_KERNEL, GraphOptions, decoder_graph
+    from maxwhisper.builder import CROSS_KERNEL, decoder_graph
     from maxwhisper.loop import greedy_graph
-
-    def text(build, name):
-        module = Module()
-        build(GraphOptions(precision.PRECISIONS[name]), module)
-        return str(module.mlir_module)
 
     spec = get_spec("tiny.en")
     step = lambda o, m: decoder_graph(spec, o, module=m)
     loop = lambda o, m: greedy_graph(spec, 50256, 50363, o, m)
-    tiled = text(step, "avx512_q4_0")
+    tiled = _graph_text(step, "avx512_q4_0")
     # One call in the block; two choices there: the prefix's product, and the kernel or
     # MAX's matmuls (tiled products choose nothing).
     assert tiled.count(CROSS_KERNEL) == 1 and tiled.count("mo.if") == 2
     for name in ("float32", "q4_0"):
-        assert text(step, name).count(CROSS_KERNEL) == 1, name
-    assert CROSS_KERNEL not in text(step, "bfloat16")
+        assert _graph_text(step, name).count(CROSS_KERNEL) == 1, name
+    assert CROSS_KERNEL not in _graph_text(step, "bfloat16")
     for name in ("avx512_q4_0", "float32"):
-        assert text(loop, name).count(CROSS_KERNEL) == spec.decoder.n_layer, name
-    assert CROSS_KERNEL not in text(loop, "float16")
+        assert _graph_text(loop, name).count(CROSS_KERNEL) == spec.decoder.n_layer, name
+    assert CROSS_KERNEL not in _graph_text(loop, "float16")
 
 
 @pytest.mark.parametrize("rows, n, k", [(2, 1, 16), (5, 4, 64), (6, 1003, 384), (13, 37, 512), (64, 130, 1536)])
@@ -255,25 +259,18 @@ def test_cpu_steps_in_float32_call_the_rows_kernel_for_their_float32_products():
     """On the CPU in float32 every matrix product of a decoder step goes to the rows
     kernel (the block's eight and the vocabulary's), chosen by the rows' count (one row
     and a prompt pass's many take MAX's); q4_0's step has no float32 product left, the
-    encoder's rows are known to be many, the greedy loop makes no choice, and float16
-    and bfloat16 graphs never call it."""
-    from max.graph import Module
-
-    from maxwhisper.builder import ROWS_KERNEL, GraphOptions, decoder_graph, encoder_graph
+    encoder's rows are known to be many, the greedy loop makes no choice, and bfloat16's
+    and avx512_q4_0's steps never call it."""
+    from maxwhisper.builder import ROWS_KERNEL, decoder_graph, encoder_graph
     from maxwhisper.loop import greedy_graph
-
-    def text(build, name):
-        module = Module()
-        build(GraphOptions(precision.PRECISIONS[name]), module)
-        return str(module.mlir_module)
 
     spec = get_spec("tiny.en")
     step = lambda o, m: decoder_graph(spec, o, module=m)
-    assert text(step, "float32").count(ROWS_KERNEL) == 8 + 1
+    assert _graph_text(step, "float32").count(ROWS_KERNEL) == 8 + 1
     for name in ("q4_0", "bfloat16", "avx512_q4_0"):
-        assert ROWS_KERNEL not in text(step, name), name
-    assert ROWS_KERNEL not in text(lambda o, m: encoder_graph(spec, o, m), "float32")
-    assert ROWS_KERNEL not in text(lambda o, m: greedy_graph(spec, 50256, 50363, o, m), "float32")
+        assert ROWS_KERNEL not in _graph_text(step, name), name
+    assert ROWS_KERNEL not in _graph_text(lambda o, m: encoder_graph(spec, o, m), "float32")
+    assert ROWS_KERNEL not in _graph_text(lambda o, m: greedy_graph(spec, 50256, 50363, o, m), "float32")
 
 
 @pytest.mark.parametrize("bf16, q4_0", [("amx_bf16", "amx_q4_0"), ("avx512_bf16", "avx512_q4_0")])
